@@ -1,0 +1,1 @@
+"""Self-prompting agent: observe, ask the mesh, propose, gate, apply, measure."""

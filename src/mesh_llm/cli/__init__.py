@@ -1,0 +1,1 @@
+"""Command-line layer: parse arguments, build a config, call the library."""

@@ -1,0 +1,28 @@
+"""The `mesh` command: every sub-command group registers itself here."""
+
+from __future__ import annotations
+
+import typer
+
+from mesh_llm.cli import logs
+
+app = typer.Typer(
+    help="mesh-llm: K of N donated language models mixed per token over gRPC.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug detail to stderr.")) -> None:
+    """mesh-llm operator, researcher and governance commands."""
+    logs.configure(verbose)
+
+
+def _register_groups() -> None:
+    from mesh_llm.cli import models_cmd
+
+    models_cmd.register(app)
+
+
+_register_groups()

@@ -1,0 +1,1 @@
+"""Expert node: sessions with KV caches, the step engine and its gRPC service."""

@@ -1,0 +1,1 @@
+"""Governance: keys, signatures, tiers, votes, kill switch, audit chain and phases."""

@@ -1,0 +1,1 @@
+"""Model catalog, fetching, loading and tokenizer fingerprints."""

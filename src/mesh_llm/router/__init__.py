@@ -1,0 +1,1 @@
+"""Router: registry, K-of-N selection, aggregation, sampling and generation."""

@@ -1,0 +1,1 @@
+"""SQL store: SQLAlchemy tables and schema migrations."""
