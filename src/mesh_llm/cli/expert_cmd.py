@@ -35,6 +35,7 @@ def serve(
     max_cache_mb: int = typer.Option(2048, help="KV-cache memory over all sessions, in MiB."),
     idle_s: float = typer.Option(300.0, help="Drop a session unused for this many seconds."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
+    delay_ms: float = typer.Option(0.0, help="Emulated network latency added to every Step reply (experiments)."),
 ) -> None:
     """Load a model and serve Step/Info over gRPC; with --join, register with a router and heartbeat."""
     from mesh_llm.expert.server import ExpertConfig, resolve_join, serve_forever
@@ -50,7 +51,7 @@ def serve(
         config = ExpertConfig(
             load=LoadOptions(model=model, quant=quant, dtype=dtype, device=device), host=host, port=port,
             limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s),
-            router=router_addr, secret=secret, advertise=advertise, name=name,
+            router=router_addr, secret=secret, advertise=advertise, name=name, delay_ms=delay_ms,
         )
         try:
             asyncio.run(serve_forever(config))

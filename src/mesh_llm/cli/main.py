@@ -20,8 +20,10 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 
 def _register_groups() -> None:
+    from mesh_llm.cli import governance_cmd
     from mesh_llm.cli import models_cmd
 
+    governance_cmd.register(app)
     models_cmd.register(app)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +51,7 @@ class StepEngine:
         self.tokens_per_second = 0.0
         self.steps = 0
         self.tokens_processed = 0
+        self._tokenizer_files: dict[str, bytes] | None = None
 
     def step(self, session_id: str, start: int, tokens: list[int], top_k: int, all_positions: bool) -> StepResult:
         """Append tokens at position start (rolling back or opening the session) and return top-k distributions."""
@@ -95,6 +98,14 @@ class StepEngine:
                             f"cannot roll back to a longer length {length}")
         self._crop(session, length)
         return len(session.tokens)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer saved as files (name to bytes), made once and kept."""
+        if self._tokenizer_files is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.loaded.tokenizer.save_pretrained(tmp)
+                self._tokenizer_files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        return self._tokenizer_files
 
     def close(self, session_id: str) -> bool:
         """Free a session's cache; True if it existed."""

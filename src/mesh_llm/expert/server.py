@@ -32,6 +32,7 @@ class ExpertConfig:
     name: str = ""  # donor-chosen label shown by `mesh status`
     max_message_bytes: int = 4 << 20  # largest request or reply
     measure_speed: bool = True  # time a short decode at start for Info.tokens_per_second
+    delay_ms: float = 0.0  # emulated network latency added before every Step reply
 
 
 @dataclass(kw_only=True)
@@ -71,7 +72,7 @@ async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) 
     if loaded is None:
         loaded = await asyncio.to_thread(load, config.load)
     engine = StepEngine(loaded, config.limits)
-    service = ExpertService(engine)
+    service = ExpertService(engine, delay_ms=config.delay_ms)
     server = new_server(config.max_message_bytes)
     expert_pb2_grpc.add_ExpertServicer_to_server(service, server)
     health = add_health_and_reflection(server, [SERVICE])

@@ -14,13 +14,15 @@ from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 from mesh_llm.wire import encode_topk
 
 log = logging.getLogger(__name__)
+CHUNK = 1 << 20
 
 
 class ExpertService(expert_pb2_grpc.ExpertServicer):
     """Serves Info, Step, Rollback and CloseSession for one loaded model."""
 
-    def __init__(self, engine: StepEngine):
+    def __init__(self, engine: StepEngine, delay_ms: float = 0.0):
         self.engine = engine
+        self.delay_s = delay_ms / 1000  # emulated network latency added to every Step
         # the model, its caches and the session table are touched by this one thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-step")
         self.requests = 0
@@ -55,6 +57,8 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
     async def Step(self, request: expert_pb2.StepRequest, context):
         if request.encoding not in (expert_pb2.LOGPROB_F32, expert_pb2.LOGPROB_F16):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown logprob encoding {request.encoding}")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         result = await self._run(context, self.engine.step, request.session_id, request.start_position,
                                  list(request.tokens), request.top_k, request.all_positions)
         return expert_pb2.StepReply(
@@ -70,6 +74,11 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
     async def CloseSession(self, request, context):
         existed = await self._run(context, self.engine.close, request.session_id)
         return expert_pb2.CloseSessionReply(existed=existed)
+
+    async def GetTokenizer(self, request, context):
+        for name, data in self.engine.tokenizer_files().items():
+            for offset in range(0, max(len(data), 1), CHUNK):
+                yield expert_pb2.FileChunk(name=name, offset=offset, data=data[offset:offset + CHUNK])
 
     def start_speed_probe(self) -> None:
         """Queue a short decode probe on the engine's thread; Info reports its tokens/s once done."""

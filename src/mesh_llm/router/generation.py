@@ -1,0 +1,271 @@
+"""A streaming generation: per token select K of N, gather top-k replies, mix, sample, emit."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mesh_llm.errors import MeshError
+from mesh_llm.pb import expert_pb2, router_pb2
+from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
+from mesh_llm.router.pool import ExpertPool
+from mesh_llm.router.registry import Registry
+from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker
+from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
+from mesh_llm.router.settings import MeshSettings
+from mesh_llm.router.steps import CallResult, Halted, Target, call_expert, gather_replies
+from mesh_llm.router.tokenizers import TokenizerCache
+
+log = logging.getLogger(__name__)
+PREFILL_DEADLINE_FACTOR = 3.0
+
+
+class GenerationError(MeshError):
+    """A request that cannot start; `code` names the gRPC status to answer with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    k: int  # experts mixed per token
+    k_explicit: bool  # the request named k (else the router default, which shrinks to fit the mesh)
+    extra: int  # stragglers over-selected
+    policy: str  # selection policy name
+    rule: str  # linear or geometric
+    fill: str  # fill rule for ids outside an expert's top-k
+    top_k: int  # entries asked of each expert
+    deadline_s: float  # per-token deadline
+    max_tokens: int  # completion cap before context clipping
+    sampling: SamplingConfig  # temperature, top-p, top-k
+    seed: int | None  # seeds selection and sampling
+    stop: tuple[str, ...]  # stop strings
+    trace: bool  # attach per-token traces
+
+
+def plan_from_request(request: router_pb2.GenerateRequest, settings: MeshSettings) -> Plan:
+    """Request fields with router defaults filled in; GenerationError on values no generation can use."""
+    policy = request.policy or settings.default_policy
+    rule = request.mix or settings.default_mix
+    fill = request.fill or settings.default_fill
+    try:
+        get_policy(policy)
+        check_rules(rule, fill)
+        sampling = SamplingConfig(temperature=request.temperature,
+                                  top_p=request.top_p if 0 < request.top_p < 1 else 1.0, top_k=request.sample_top_k)
+    except (UnknownPolicy, UnknownRule, ValueError) as exc:
+        raise GenerationError("INVALID_ARGUMENT", str(exc)) from None
+    top_k = request.top_k or settings.default_top_k
+    if not 1 <= top_k <= 4096:
+        raise GenerationError("INVALID_ARGUMENT", f"top_k {top_k} is out of range; use 1..4096")
+    return Plan(k=request.k or settings.default_k, k_explicit=request.k > 0, extra=request.extra or settings.default_extra, policy=policy,
+                rule=rule, fill=fill, top_k=top_k, deadline_s=request.step_deadline_s or settings.step_deadline_s,
+                max_tokens=request.max_tokens or settings.default_max_tokens, sampling=sampling,
+                seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
+                trace=request.trace)
+
+
+@dataclass(kw_only=True)
+class _State:
+    context: list[int]  # prompt followed by the completion so far
+    completion: list[int] = field(default_factory=list)  # generated ids
+    held: dict[str, int] = field(default_factory=dict)  # tokens each expert's session holds
+    sent_text: str = ""  # text already streamed
+    notes: list[str] = field(default_factory=list)  # degradations to report
+
+
+class Generation:
+    """One Generate call: validated at start(), then run() yields GenerateEvents until it finishes."""
+
+    def __init__(self, *, request: router_pb2.GenerateRequest, registry: Registry, pool: ExpertPool,
+                 tokenizers: TokenizerCache, settings: MeshSettings, halt: asyncio.Event | None = None):
+        self.request = request
+        self.registry = registry
+        self.pool = pool
+        self.tokenizers = tokenizers
+        self.plan = plan_from_request(request, settings)
+        self.halt = halt
+        self.session_id = f"g-{uuid.uuid4().hex}"
+        self.policy = get_policy(self.plan.policy, **({"max_rtt_ms": settings.latency_bound_ms}
+                                                       if self.plan.policy == "latency" else {}))
+        self.rng = np.random.default_rng(self.plan.seed)
+        self.sampler = Sampler(self.plan.sampling, seed=self.plan.seed)
+
+    async def start(self) -> None:
+        """Pick the tokenizer family, tokenize the prompt and check limits; GenerationError if it cannot run."""
+        candidates = self.registry.candidates()
+        if not candidates:
+            raise GenerationError("UNAVAILABLE", "no experts online; start one with "
+                                  "`mesh-expert serve --join <token>` (the router printed the token)")
+        wanted = self.request.model_family or None
+        family = pick_family(candidates, wanted)
+        if not family:
+            raise GenerationError("NOT_FOUND", f"no online expert has tokenizer family {wanted}; "
+                                  "see `mesh status` for the families online")
+        self.fingerprint = family[0].tokenizer_fingerprint
+        others = len(candidates) - len(family)
+        self.notes: list[str] = []
+        if others:
+            self.notes.append(f"{others} online expert(s) of another tokenizer family not mixed")
+        records = [r for r in self.registry.experts()
+                   if r.tokenizer_fingerprint == self.fingerprint and r.state != "gone"]
+        if self.plan.k > len(records) and not self.plan.k_explicit:
+            self.notes.append(f"default k={self.plan.k} shrunk to the {len(records)} expert(s) in the mesh")
+            self.plan = dataclasses.replace(self.plan, k=len(records))
+        if self.plan.k > len(records):
+            raise GenerationError("INVALID_ARGUMENT", f"k={self.plan.k} but this tokenizer family has only "
+                                  f"{len(records)} expert(s) in the mesh; use --k {len(records)} or fewer")
+        if self.plan.top_k > min(r.max_top_k for r in records):
+            raise GenerationError("INVALID_ARGUMENT", f"top_k {self.plan.top_k} exceeds what these experts "
+                                  f"serve ({min(r.max_top_k for r in records)})")
+        self.vocab_size = max(r.vocab_size for r in records)
+        self.context_limit = min(r.context_limit for r in records)
+        self.eos_ids = set().union(*(r.eos_token_ids for r in records))
+        first = self.registry.get(family[0].expert_id)
+        try:
+            self.tokenizer = await self.tokenizers.get(self.fingerprint, self.pool.stub(first.address))
+        except Exception as exc:
+            raise GenerationError("UNAVAILABLE", f"could not get the tokenizer from expert {first.expert_id}: "
+                                  f"{exc}") from None
+        self.prompt_ids = self._tokenize(self.request.prompt, self.request.chat)
+        if not self.prompt_ids:
+            raise GenerationError("INVALID_ARGUMENT", "the prompt is empty")
+        room = self.context_limit - len(self.prompt_ids)
+        if room < 1:
+            raise GenerationError("INVALID_ARGUMENT", f"the prompt has {len(self.prompt_ids)} tokens but the "
+                                  f"experts' context limit is {self.context_limit}; shorten it")
+        self.max_tokens = min(self.plan.max_tokens, room)
+        if self.max_tokens < self.plan.max_tokens:
+            self.notes.append(f"max_tokens clipped to {self.max_tokens} by the context limit")
+
+    def _tokenize(self, prompt: str, chat: bool) -> list[int]:
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return list(self.tokenizer(prompt).input_ids)
+
+    async def run(self) -> AsyncIterator[router_pb2.GenerateEvent]:
+        """Yield one event per token, then a final GenerationDone; closes expert sessions at the end."""
+        state = _State(context=list(self.prompt_ids), notes=list(self.notes))
+        checker = StopChecker(stop=self.plan.stop, max_tokens=self.max_tokens, eos_ids=self.eos_ids)
+        began = time.perf_counter()
+        first_token_at = None
+        reason = None
+        try:
+            while reason is None:
+                if self.halt is not None and self.halt.is_set():
+                    reason = "halted"
+                    break
+                try:
+                    event, reason = await self._next_token(state, checker)
+                except Halted:
+                    reason = "halted"
+                    break
+                except GenerationError as exc:
+                    state.notes.append(str(exc))
+                    reason = "error"
+                    break
+                first_token_at = first_token_at or time.perf_counter()
+                yield router_pb2.GenerateEvent(token=event)
+        finally:
+            self._close_sessions(state)
+        elapsed = time.perf_counter() - began
+        yield router_pb2.GenerateEvent(done=router_pb2.GenerationDone(
+            finish_reason=reason, prompt_tokens=len(self.prompt_ids), completion_tokens=len(state.completion),
+            tokens_per_second=len(state.completion) / elapsed if elapsed > 0 else 0.0,
+            time_to_first_token_s=(first_token_at - began) if first_token_at else 0.0,
+            text=checker.text, notes=state.notes))
+
+    async def _next_token(self, state: _State, checker: StopChecker):
+        t0 = time.perf_counter()
+        ranked = self._rank(state)
+        targets = [self._target(c) for c in ranked]
+        select_s = time.perf_counter() - t0
+        prefill = not state.held
+        deadline = self.plan.deadline_s * (PREFILL_DEADLINE_FACTOR if prefill else 1.0)
+
+        async def call(target: Target, timeout: float) -> CallResult:
+            return await call_expert(target, session_id=self.session_id, context=state.context,
+                                     held=state.held.get(target.expert_id, 0), top_k=self.plan.top_k,
+                                     timeout=timeout)
+
+        results = await gather_replies(targets, k=self.plan.k, extra=self.plan.extra, deadline_s=deadline,
+                                       halt=self.halt, call=call)
+        t1 = time.perf_counter()
+        used = self._account(results, state)
+        if not used:
+            outcomes = ", ".join(f"{r.expert_id}: {r.outcome}" for r in results) or "no expert could be asked"
+            raise GenerationError("UNAVAILABLE", f"no expert answered token {len(state.completion)} in time "
+                                  f"({outcomes})")
+        if len(used) < self.plan.k:
+            note = f"token {len(state.completion)}: mixed {len(used)} of k={self.plan.k} experts"
+            if not any(n.startswith("mixed fewer") for n in state.notes):
+                state.notes.append(f"mixed fewer than k={self.plan.k} experts on some tokens (first: {note})")
+        weights = [self._weight(r.expert_id) for r in used]
+        mixed = mix([r.dist for r in used], vocab_size=self.vocab_size, weights=weights, rule=self.plan.rule,
+                    fill=self.plan.fill)
+        choice = self.sampler.sample(mixed)
+        router_ms = (select_s + time.perf_counter() - t1) * 1000
+        state.context.append(choice.token_id)
+        state.completion.append(choice.token_id)
+        text = self.tokenizer.decode(state.completion, skip_special_tokens=True)
+        reason = checker.update(choice.token_id, text)
+        shown = checker.streamable().rstrip("\ufffd")  # hold back half a multi-byte character
+        delta = ""
+        if shown.startswith(state.sent_text):
+            delta, state.sent_text = shown[len(state.sent_text):], shown
+        event = router_pb2.TokenEvent(token_id=choice.token_id, text=delta, logprob=choice.logprob,
+                                      expert_ids=[r.expert_id for r in used])
+        if self.plan.trace:
+            used_ids = {r.expert_id for r in used}
+            event.trace.CopyFrom(router_pb2.TokenTrace(
+                calls=[router_pb2.ExpertCall(expert_id=r.expert_id, used=r.expert_id in used_ids, outcome=r.outcome,
+                                             latency_ms=r.latency_ms, reply_bytes=r.reply_bytes) for r in results],
+                union_size=len(mixed.ids), router_ms=router_ms))
+        return event, reason
+
+    def _rank(self, state: _State) -> list[Candidate]:
+        family = [c for c in self.registry.candidates() if c.tokenizer_fingerprint == self.fingerprint]
+        context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]))
+        return self.policy.select(family, len(family), self.rng, context)
+
+    def _target(self, candidate: Candidate) -> Target:
+        record = self.registry.get(candidate.expert_id)
+        return Target(expert_id=record.expert_id, stub=self.pool.stub(record.address), vocab_size=record.vocab_size)
+
+    def _weight(self, expert_id: str) -> float:
+        return self.registry.get(expert_id).weight
+
+    def _account(self, results: list[CallResult], state: _State) -> list[CallResult]:
+        used = []
+        for r in results:
+            if r.ok:
+                state.held[r.expert_id] = r.session_length
+                if len(used) < self.plan.k:
+                    used.append(r)
+                network_ms = max(r.latency_ms - r.compute_ms, 0.0)  # RTT bounds speak of the network
+                self.registry.record_success(r.expert_id, network_ms, tokens=1 if r in used else 0)
+            elif r.outcome != "late":
+                state.held.pop(r.expert_id, None)
+                self.registry.record_failure(r.expert_id, r.outcome)
+        return sorted(used, key=lambda r: r.expert_id)  # arrival order must not change the mix
+
+    def _close_sessions(self, state: _State) -> None:
+        for expert_id in list(state.held):
+            try:
+                stub = self.pool.stub(self.registry.get(expert_id).address)
+            except MeshError:
+                continue
+            task = asyncio.ensure_future(stub.CloseSession(
+                expert_pb2.CloseSessionRequest(session_id=self.session_id), timeout=5))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)

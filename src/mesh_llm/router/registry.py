@@ -1,0 +1,320 @@
+"""Registry of experts: registration, heartbeats, health, RTT and failures, persisted in SQL.
+
+All state lives in an in-memory cache; the per-token calls (record_success, record_failure,
+candidates) never touch the database. Registration, quarantine and weight changes are written
+through at once; counters and heartbeat times are written by flush(), which sweep() calls. The
+owner calls sweep() every `sweep_interval_s` (a background task of the router server).
+
+States: online (selectable), suspect (missed heartbeats for more than `suspect_after_missed`
+intervals, or `max_failures` consecutive failures; not selected), quarantined (set by an
+operator; never selected, kept across re-registration), gone (silent for `gone_after_s`; must
+register again). A failure-suspect expert that still heartbeats gets one more chance after
+`failure_cooldown_s` (a half-open circuit breaker).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from sqlalchemy import Engine, insert, select, update
+
+from mesh_llm.errors import MeshError
+from mesh_llm.pb import expert_pb2, router_pb2
+from mesh_llm.router.selection import Candidate
+from mesh_llm.store.registry_tables import experts
+
+log = logging.getLogger(__name__)
+
+ONLINE, SUSPECT, QUARANTINED, GONE = "online", "suspect", "quarantined", "gone"
+
+
+class UnknownExpert(MeshError, KeyError):
+    """An expert id the registry has never seen."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryConfig:
+    heartbeat_interval_s: float = 1.0  # how often experts are asked to heartbeat
+    suspect_after_missed: float = 2.0  # silent for more than this many intervals: suspect
+    gone_after_s: float = 5.0  # silent for more than this: gone (a dead expert is noticed within it)
+    max_failures: int = 3  # consecutive Step failures that make an expert suspect
+    failure_cooldown_s: float = 10.0  # a failure-suspect expert that heartbeats is retried after this
+    rtt_alpha: float = 0.2  # weight of a new sample in the RTT moving average
+    sweep_interval_s: float = 0.5  # how often the owner should call sweep()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertSpec:
+    model_id: str  # catalog name or path of the loaded model
+    tokenizer_fingerprint: str  # experts are only mixed within one fingerprint
+    vocab_size: int  # rows of the output distribution
+    context_limit: int  # most tokens a session may hold
+    device: str = "cpu"  # "cpu", "cuda:0", ...
+    quantization: str = "none"  # "none", "nf4", ...
+    dtype: str = "float32"  # compute dtype
+    tokens_per_second: float = 0.0  # measured decode speed (capacity)
+    max_top_k: int = 256  # largest top_k a Step may ask for
+    eos_token_ids: tuple[int, ...] = ()  # token ids that end a generation
+    max_sessions: int = 8  # sessions held before eviction
+    expert_version: str = ""  # mesh_llm version of the expert
+
+    @classmethod
+    def from_proto(cls, info: expert_pb2.ExpertInfo) -> ExpertSpec:
+        """The spec an ExpertInfo message describes."""
+        values = {f.name: getattr(info, f.name) for f in fields(ExpertSpec)}
+        return cls(**{**values, "eos_token_ids": tuple(info.eos_token_ids), "tokens_per_second": float(info.tokens_per_second)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertRecord(ExpertSpec):
+    expert_id: str  # registry id
+    name: str  # donor-chosen label
+    address: str  # host:port of the expert's gRPC server
+    weight: float  # mixing weight
+    rtt_ms: float | None  # smoothed Step round-trip time; None while unmeasured
+    failures: int  # consecutive failures
+    last_failure: str  # kind of the most recent failure
+    tokens_served: int  # tokens it contributed to
+    active_sessions: int  # sessions it reported in its last heartbeat
+    state: str  # online, suspect, quarantined, gone
+    registered_at: float  # unix seconds of first registration
+    last_seen: float  # unix seconds of the last heartbeat or successful Step
+    # tokens_per_second (from ExpertSpec) is the latest reported capacity.
+
+    def to_proto(self) -> router_pb2.ExpertStatus:
+        """This record as the ExpertStatus message of ListExperts and GetRouterStatus."""
+        same = ("expert_id", "address", "model_id", "tokenizer_fingerprint", "state", "failures", "tokens_per_second",
+                "device", "quantization", "weight", "tokens_served", "name")
+        return router_pb2.ExpertStatus(
+            **{k: getattr(self, k) for k in same}, rtt_ms=self.rtt_ms or 0.0, last_seen_unix=self.last_seen
+        )
+
+
+_SPEC_FIELDS = [f.name for f in fields(ExpertSpec)]
+
+
+def _to_db(row: dict) -> dict:
+    return {**row, "eos_token_ids": ",".join(str(t) for t in row["eos_token_ids"])}
+
+
+def _from_db(row) -> dict:
+    data = dict(row._mapping)
+    text = data["eos_token_ids"]
+    data["eos_token_ids"] = tuple(int(t) for t in text.split(",")) if text else ()
+    return data
+
+
+class Registry:
+    """The router's experts, cached in memory and persisted through a SQLAlchemy engine."""
+
+    def __init__(
+        self, engine: Engine, config: RegistryConfig | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.engine = engine
+        self.config = config or RegistryConfig()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()  # experts changed since the last flush
+        with engine.connect() as conn:
+            self._rows = {r.expert_id: _from_db(r) for r in conn.execute(select(experts))}
+        self._by_address = {row["address"]: eid for eid, row in self._rows.items()}
+        now = self.clock()
+        self._since = {eid: now for eid in self._rows}  # when each expert entered its current state
+        log.info("registry loaded %d experts", len(self._rows))
+
+    # registration and heartbeats -------------------------------------------------------------
+
+    def register(self, address: str, spec: ExpertSpec, *, name: str = "") -> str:
+        """Add an expert, or refresh the one already at address; return its id."""
+        now = self.clock()
+        with self._lock:
+            expert_id = self._by_address.get(address)
+            fresh = expert_id is None
+            if fresh:
+                expert_id = f"e-{uuid.uuid4().hex[:12]}"
+                row = {"expert_id": expert_id, "address": address, "weight": 1.0, "tokens_served": 0,
+                       "registered_at": now, "state": ONLINE, "name": name}
+                self._since[expert_id] = now
+            else:
+                row = self._rows[expert_id]
+            row.update({k: getattr(spec, k) for k in _SPEC_FIELDS})
+            row.update(rtt_ms=None, failures=0, last_failure="",
+                       active_sessions=0, last_seen=now, name=name or row.get("name", ""))
+            if row["state"] != QUARANTINED:
+                self._set_state(row, ONLINE, now)
+            self._rows[expert_id] = row
+            self._by_address[address] = expert_id
+            self._dirty.discard(expert_id)
+            snapshot = _to_db(row)
+        with self.engine.begin() as conn:
+            if fresh:
+                conn.execute(insert(experts).values(**snapshot))
+            else:
+                conn.execute(update(experts).where(experts.c.expert_id == expert_id).values(**snapshot))
+        log.info("%s expert %s at %s (%s)", "registered" if fresh else "re-registered", expert_id, address, spec.model_id)
+        return expert_id
+
+    def heartbeat(self, expert_id: str, *, active_sessions: int | None = None, tokens_per_second: float | None = None) -> bool:
+        """Note that an expert is alive; False when it is unknown or gone and must register again."""
+        now = self.clock()
+        with self._lock:
+            row = self._rows.get(expert_id)
+            if row is None or row["state"] == GONE:
+                return False
+            row["last_seen"] = now
+            if active_sessions is not None:
+                row["active_sessions"] = int(active_sessions)
+            if tokens_per_second is not None and tokens_per_second > 0:
+                row["tokens_per_second"] = float(tokens_per_second)
+            if row["state"] == SUSPECT:
+                self._maybe_recover(row, now)
+            self._dirty.add(expert_id)
+            return True
+
+    # the per-token path ---------------------------------------------------------------------
+
+    def record_success(self, expert_id: str, rtt_ms: float, tokens: int = 1) -> None:
+        """Count a good Step reply: update the smoothed RTT, reset failures, add served tokens."""
+        with self._lock:
+            row = self._row(expert_id)
+            old = row["rtt_ms"]
+            alpha = self.config.rtt_alpha
+            row["rtt_ms"] = float(rtt_ms) if old is None else (1 - alpha) * old + alpha * float(rtt_ms)
+            row["failures"] = 0
+            row["tokens_served"] += int(tokens)
+            row["last_seen"] = now = self.clock()
+            if row["state"] == SUSPECT:
+                self._set_state(row, ONLINE, now)
+            self._dirty.add(expert_id)
+
+    def record_failure(self, expert_id: str, kind: str) -> None:
+        """Count a failed or rejected Step reply; after max_failures in a row the expert is suspect."""
+        with self._lock:
+            row = self._row(expert_id)
+            row["failures"] += 1
+            row["last_failure"] = kind[:200]
+            if row["state"] == ONLINE and row["failures"] >= self.config.max_failures:
+                self._set_state(row, SUSPECT, self.clock())
+                log.warning("expert %s suspect after %d failures (last: %s)", expert_id, row["failures"], kind)
+            self._dirty.add(expert_id)
+
+    def candidates(self) -> list[Candidate]:
+        """Online experts as selection candidates (RTT NaN while unmeasured)."""
+        with self._lock:
+            return [
+                Candidate(
+                    expert_id=eid,
+                    rtt_ms=math.nan if row["rtt_ms"] is None else row["rtt_ms"],
+                    tokens_per_second=row["tokens_per_second"],
+                    weight=row["weight"],
+                    tokenizer_fingerprint=row["tokenizer_fingerprint"],
+                )
+                for eid, row in self._rows.items()
+                if row["state"] == ONLINE
+            ]
+
+    # operator actions -----------------------------------------------------------------------
+
+    def quarantine(self, expert_id: str, reason: str = "") -> None:
+        """Never select this expert again until unquarantined (survives re-registration)."""
+        with self._lock:
+            row = self._row(expert_id)
+            self._set_state(row, QUARANTINED, self.clock())
+            self._dirty.add(expert_id)
+        log.warning("expert %s quarantined: %s", expert_id, reason or "no reason given")
+        self.flush()
+
+    def unquarantine(self, expert_id: str) -> None:
+        """Make a quarantined expert selectable again (online, failures cleared)."""
+        with self._lock:
+            row = self._row(expert_id)
+            if row["state"] == QUARANTINED:
+                row["failures"] = 0
+                self._set_state(row, ONLINE, self.clock())
+                self._dirty.add(expert_id)
+        self.flush()
+
+    def set_weight(self, expert_id: str, weight: float) -> None:
+        """Set an expert's mixing weight (finite, >= 0; 0 = never selected)."""
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        with self._lock:
+            self._row(expert_id)["weight"] = float(weight)
+            self._dirty.add(expert_id)
+        self.flush()
+
+    # health sweep and persistence -----------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> list[tuple[str, str, str]]:
+        """Apply heartbeat timeouts and failure cool-downs, flush; return (id, old, new) changes."""
+        now = self.clock() if now is None else now
+        suspect_after = self.config.suspect_after_missed * self.config.heartbeat_interval_s
+        changes = []
+        with self._lock:
+            for eid, row in self._rows.items():
+                old = row["state"]
+                silent = now - row["last_seen"]
+                if old in (ONLINE, SUSPECT) and silent > self.config.gone_after_s:
+                    self._set_state(row, GONE, now)
+                elif old == ONLINE and silent > suspect_after:
+                    self._set_state(row, SUSPECT, now)
+                elif old == SUSPECT and silent <= suspect_after:
+                    self._maybe_recover(row, now)
+                if row["state"] != old:
+                    changes.append((eid, old, row["state"]))
+                    self._dirty.add(eid)
+        for eid, old, new in changes:
+            log.log(logging.WARNING if new in (SUSPECT, GONE) else logging.INFO, "expert %s: %s -> %s", eid, old, new)
+        self.flush()
+        return changes
+
+    def flush(self) -> int:
+        """Write every changed expert to the database; return how many rows were written."""
+        with self._lock:
+            rows = [_to_db(self._rows[eid]) for eid in self._dirty]
+            self._dirty.clear()
+        if rows:
+            with self.engine.begin() as conn:
+                for row in rows:
+                    conn.execute(update(experts).where(experts.c.expert_id == row["expert_id"]).values(**row))
+        return len(rows)
+
+    def get(self, expert_id: str) -> ExpertRecord:
+        """A snapshot of one expert; UnknownExpert if the id was never registered."""
+        with self._lock:
+            return ExpertRecord(**self._row(expert_id))
+
+    def experts(self) -> list[ExpertRecord]:
+        """Snapshots of every expert ever registered, by registration time."""
+        with self._lock:
+            records = [ExpertRecord(**row) for row in self._rows.values()]
+        return sorted(records, key=lambda r: (r.registered_at, r.expert_id))
+
+    # internals ------------------------------------------------------------------------------
+
+    def _row(self, expert_id: str) -> dict:
+        row = self._rows.get(expert_id)
+        if row is None:
+            raise UnknownExpert(f"no expert {expert_id!r} in the registry")
+        return row
+
+    def _set_state(self, row: dict, state: str, now: float) -> None:
+        if row["state"] != state:
+            row["state"] = state
+            self._since[row["expert_id"]] = now
+
+    def _maybe_recover(self, row: dict, now: float) -> None:
+        """A heard-from suspect goes online, after the cool-down if it was failing (one more try)."""
+        limit = self.config.max_failures
+        if row["failures"] < limit:
+            self._set_state(row, ONLINE, now)
+        elif now - self._since.get(row["expert_id"], now) >= self.config.failure_cooldown_s:
+            row["failures"] = limit - 1
+            self._set_state(row, ONLINE, now)
+

@@ -1,0 +1,32 @@
+"""Mesh-wide generation defaults that operators and governance actions change at run time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh_llm.router.aggregation import check_rules
+from mesh_llm.router.selection import get_policy
+
+
+@dataclass(kw_only=True)
+class MeshSettings:
+    default_k: int = 2  # experts mixed per token when a request says 0
+    default_policy: str = "random"  # selection policy when a request names none
+    default_mix: str = "linear"  # aggregation rule when a request names none
+    default_fill: str = "spread"  # fill rule for ids missing from an expert's top-k
+    default_top_k: int = 64  # entries asked of each expert when a request says 0
+    default_extra: int = 0  # straggler over-selection s when a request says 0
+    step_deadline_s: float = 10.0  # longest wait for one token's replies (prefill gets 3x)
+    default_max_tokens: int = 128  # completion length when a request says 0
+    latency_bound_ms: float = 80.0  # latency policy skips experts slower than this
+
+    def validate(self) -> None:
+        """Raise ValueError on settings no generation could use."""
+        if self.default_k < 1:
+            raise ValueError(f"default_k must be >= 1, got {self.default_k}")
+        get_policy(self.default_policy)
+        check_rules(self.default_mix, self.default_fill)
+        if not 1 <= self.default_top_k <= 4096:
+            raise ValueError(f"default_top_k must be in 1..4096, got {self.default_top_k}")
+        if self.step_deadline_s <= 0:
+            raise ValueError(f"step_deadline_s must be > 0, got {self.step_deadline_s}")
