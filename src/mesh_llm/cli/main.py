@@ -20,11 +20,13 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 
 def _register_groups() -> None:
-    from mesh_llm.cli import governance_cmd
-    from mesh_llm.cli import models_cmd
+    from mesh_llm.cli import governance_cmd, models_cmd, router_cmd
 
-    governance_cmd.register(app)
+    router_cmd.register(app)
     models_cmd.register(app)
+    governance_cmd.register(app)
 
 
 _register_groups()
+if __name__ == "__main__":
+    app()

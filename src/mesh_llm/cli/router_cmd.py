@@ -1,0 +1,157 @@
+"""`mesh router serve`, `mesh status`, `mesh generate` and `mesh demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mesh_llm.cli.errors import friendly_errors
+
+console = Console()
+router_app = typer.Typer(help="Run the router: registry, K-of-N selection, mixing and generation.",
+                         no_args_is_help=True)
+ROUTER_HELP = "Router HOST:PORT (default: $MESH_ROUTER or 127.0.0.1:50050)."
+
+
+def _router(address: str | None) -> str:
+    from mesh_llm.router.client import DEFAULT_ROUTER
+
+    return address or os.environ.get("MESH_ROUTER") or DEFAULT_ROUTER
+
+
+@router_app.command("serve")
+def serve(
+    port: int = typer.Option(50050, help="Port to listen on (0 picks a free one)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on; 0.0.0.0 accepts remote experts."),
+    db: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite file under MESH_HOME)."),
+    advertise: str = typer.Option(None, help="HOST:PORT put in the invite token (default: the address bound)."),
+    k: int = typer.Option(2, help="Default experts mixed per token."),
+    policy: str = typer.Option("random", help="Default selection policy: random, capacity or latency."),
+    mix: str = typer.Option("linear", help="Default aggregation: linear or geometric."),
+    top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
+    deadline_s: float = typer.Option(10.0, help="Longest wait for one token's expert replies."),
+) -> None:
+    """Serve the Router service and print the invite token donors pass to `mesh-expert serve --join`."""
+    from mesh_llm.router.server import RouterConfig, start_router
+    from mesh_llm.router.settings import MeshSettings
+
+    async def run() -> None:
+        settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
+                                step_deadline_s=deadline_s)
+        running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
+                                                  settings=settings))
+        console.print(f"[bold green]router serving[/bold green] on {host}:{running.port}")
+        console.print(f"invite token: [bold]{running.invite}[/bold]")
+        console.print(f"donors run:   mesh-expert serve --model smollm2-135m --join {running.invite}")
+        console.print(f"clients run:  mesh generate \"Hello\" --router {running.address}")
+        try:
+            await running.server.wait_for_termination()
+        finally:
+            await running.stop()
+
+    with friendly_errors():
+        try:
+            asyncio.run(run())
+        except KeyboardInterrupt:
+            pass
+
+
+def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:
+    """Experts with health and RTT, the defaults (K, policy, mix), phase, halt state and tokens/s."""
+    from mesh_llm.router.client import router_status
+
+    with friendly_errors():
+        st = asyncio.run(router_status(_router(router)))
+    halted = f"[red]HALTED[/red] ({st.halt_reason})" if st.halted else "[green]running[/green]"
+    console.print(f"mesh {halted} · phase {st.phase} · k={st.default_k} · policy {st.default_policy} · "
+                  f"mix {st.default_mix} · {st.recent_tokens_per_second:.2f} tokens/s (last minute) · "
+                  f"{st.active_generations} active generation(s)")
+    table = Table("expert", "name", "model", "state", "RTT ms", "tokens/s", "failures", "weight", "served",
+                  "device", "quant", "tokenizer")
+    for e in st.experts:
+        table.add_row(e.expert_id, e.name, e.model_id, e.state, f"{e.rtt_ms:.1f}", f"{e.tokens_per_second:.1f}",
+                      str(e.failures), f"{e.weight:g}", str(e.tokens_served), e.device, e.quantization,
+                      e.tokenizer_fingerprint[:10])
+    console.print(table)
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt (sent through the chat template unless --raw)."),
+    k: int = typer.Option(0, help="Experts mixed per token (0: router default)."),
+    policy: str = typer.Option("", help="random, capacity or latency (default: router's)."),
+    mix: str = typer.Option("", help="linear or geometric (default: router's)."),
+    top_k: int = typer.Option(0, "--top-k", help="Entries asked of each expert (0: router default)."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    sample_top_k: int = typer.Option(0, help="Sample among this many most likely tokens (0 = off)."),
+    seed: int = typer.Option(None, help="Seed for selection and sampling (reproducible runs)."),
+    max_tokens: int = typer.Option(128, help="Completion cap."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    extra: int = typer.Option(0, help="Over-select this many stragglers (ask K+extra, use the first K)."),
+    raw: bool = typer.Option(False, help="Send the prompt as is, without the chat template."),
+    router: str = typer.Option(None, help=ROUTER_HELP),
+) -> None:
+    """Generate through the mesh, streaming tokens coloured by the experts that produced them."""
+    from mesh_llm.pb import router_pb2
+    from mesh_llm.router.client import router_status, stream_generate
+    from mesh_llm.router.display import StreamPrinter
+
+    address = _router(router)
+    fields = dict(prompt=prompt, k=k, policy=policy, mix=mix, top_k=top_k, temperature=temperature, top_p=top_p,
+                  sample_top_k=sample_top_k, max_tokens=max_tokens, stop=stop, extra=extra, chat=not raw)
+    if seed is not None:
+        fields["seed"] = seed
+    request = router_pb2.GenerateRequest(**fields)
+
+    async def run():
+        names = {e.expert_id: e.name for e in (await router_status(address)).experts}
+        printer = StreamPrinter(console, names)
+        done = None
+        async for event in stream_generate(address, request):
+            if event.HasField("token"):
+                printer.token(event.token)
+            else:
+                done = event.done
+        printer.done(done)
+        return done
+
+    with friendly_errors():
+        done = asyncio.run(run())
+    if done.finish_reason in ("error", "halted"):
+        raise typer.Exit(2)
+
+
+def demo(
+    experts: int = typer.Option(3, help="Expert processes to start."),
+    k: int = typer.Option(2, help="Experts mixed per token."),
+    model: str = typer.Option("smollm2-135m", help="Model every expert serves (pulled if missing)."),
+    prompt: str = typer.Option("What is the capital of France?", help="Question to ask the mesh."),
+    max_tokens: int = typer.Option(48, help="Completion cap."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    seed: int = typer.Option(1, help="Seed for selection and sampling."),
+    policy: str = typer.Option("random", help="Selection policy."),
+    mix: str = typer.Option("linear", help="Aggregation rule."),
+    quants: str = typer.Option("none", help="Comma-separated quantisation per expert, cycled (e.g. none,nf4)."),
+) -> None:
+    """Start a router and N local experts on the default model and stream an answer with its contributors."""
+    from mesh_llm.router.demo import DemoConfig, run_demo
+
+    config = DemoConfig(model=model, experts=experts, k=k, prompt=prompt, max_tokens=max_tokens,
+                        temperature=temperature, seed=seed, policy=policy, mix=mix,
+                        quants=tuple(q.strip() for q in quants.split(",") if q.strip()))
+    with friendly_errors():
+        done = asyncio.run(run_demo(config, console))
+    if done.finish_reason in ("error", "halted"):
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the router group and the status, generate and demo commands."""
+    app.add_typer(router_app, name="router")
+    app.command("status")(status)
+    app.command("generate")(generate)
+    app.command("demo")(demo)

@@ -1,0 +1,56 @@
+"""Terminal rendering of a streaming generation: tokens coloured by the experts that produced them."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from mesh_llm.pb import router_pb2
+
+PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta"]
+
+
+class StreamPrinter:
+    """Prints token text as it arrives, coloured per set of contributing experts, then a summary."""
+
+    def __init__(self, console: Console, names: dict[str, str] | None = None, colour: bool = True):
+        self.console = console
+        self.names = names or {}
+        self.colour = colour
+        self.styles: dict[tuple[str, ...], str] = {}
+        self.contributions: Counter[str] = Counter()
+        self.tokens = 0
+
+    def name(self, expert_id: str) -> str:
+        """Display name of an expert (its label, else its id)."""
+        return self.names.get(expert_id) or expert_id
+
+    def token(self, event: router_pb2.TokenEvent) -> None:
+        """Print one token's text in the colour of its expert set."""
+        key = tuple(sorted(event.expert_ids))
+        style = self.styles.setdefault(key, PALETTE[len(self.styles) % len(PALETTE)])
+        self.contributions.update(event.expert_ids)
+        self.tokens += 1
+        self.console.print(Text(event.text, style=style if self.colour else ""), end="", soft_wrap=True)
+
+    def done(self, done: router_pb2.GenerationDone) -> None:
+        """Print the finish reason, speed, notes and who contributed."""
+        self.console.print()
+        self.console.print(
+            f"[dim]finish: {done.finish_reason} · {done.completion_tokens} tokens · "
+            f"{done.tokens_per_second:.2f} tokens/s · first token after {done.time_to_first_token_s:.2f} s[/dim]")
+        for note in done.notes:
+            self.console.print(f"[yellow]note:[/yellow] {note}")
+        if self.styles:
+            legend = Text("colours: ")
+            for key, style in self.styles.items():
+                legend.append(" + ".join(self.name(e) for e in key), style=style)
+                legend.append("  ")
+            self.console.print(legend)
+        table = Table("expert", "tokens contributed")
+        for expert_id, count in self.contributions.most_common():
+            table.add_row(self.name(expert_id), str(count))
+        self.console.print(table)
