@@ -15,6 +15,7 @@ import numpy as np
 from mesh_llm.errors import MeshError
 from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
+from mesh_llm.router.constrain import BadSchema, SchemaConstraint
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import Registry
 from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker
@@ -102,7 +103,12 @@ class Generation:
 
     async def start(self) -> None:
         """Pick the tokenizer family, tokenize the prompt and check limits; GenerationError if it cannot run."""
-        candidates = self.registry.candidates()
+        self.allow = set(self.request.expert_ids)
+        unknown = self.allow - {r.expert_id for r in self.registry.experts()}
+        if unknown:
+            raise GenerationError("NOT_FOUND", f"unknown expert id(s) {', '.join(sorted(unknown))}; "
+                                  "see `mesh status`")
+        candidates = self._allowed(self.registry.candidates())
         if not candidates:
             raise GenerationError("UNAVAILABLE", "no experts online; start one with "
                                   "`mesh-expert serve --join <token>` (the router printed the token)")
@@ -116,8 +122,8 @@ class Generation:
         self.notes: list[str] = []
         if others:
             self.notes.append(f"{others} online expert(s) of another tokenizer family not mixed")
-        records = [r for r in self.registry.experts()
-                   if r.tokenizer_fingerprint == self.fingerprint and r.state != "gone"]
+        records = [r for r in self.registry.experts() if r.tokenizer_fingerprint == self.fingerprint
+                   and r.state != "gone" and (not self.allow or r.expert_id in self.allow)]
         if self.plan.k > len(records) and not self.plan.k_explicit:
             self.notes.append(f"default k={self.plan.k} shrunk to the {len(records)} expert(s) in the mesh")
             self.plan = dataclasses.replace(self.plan, k=len(records))
@@ -136,6 +142,14 @@ class Generation:
         except Exception as exc:
             raise GenerationError("UNAVAILABLE", f"could not get the tokenizer from expert {first.expert_id}: "
                                   f"{exc}") from None
+        self.constraint = None
+        if self.request.json_schema:
+            try:
+                grammar_tokenizer = await asyncio.to_thread(self.tokenizers.grammar.get, self.fingerprint,
+                                                            self.tokenizer)
+                self.constraint = SchemaConstraint(grammar_tokenizer, self.request.json_schema, self.vocab_size)
+            except BadSchema as exc:
+                raise GenerationError("INVALID_ARGUMENT", str(exc)) from None
         self.prompt_ids = self._tokenize(self.request.prompt, self.request.chat)
         if not self.prompt_ids:
             raise GenerationError("INVALID_ARGUMENT", "the prompt is empty")
@@ -214,12 +228,21 @@ class Generation:
         weights = [self._weight(r.expert_id) for r in used]
         mixed = mix([r.dist for r in used], vocab_size=self.vocab_size, weights=weights, rule=self.plan.rule,
                     fill=self.plan.fill)
-        choice = self.sampler.sample(mixed)
+        if self.constraint is not None:
+            try:
+                choice = self.sampler.sample(self.constraint.restrict(mixed))
+                self.constraint.consume(choice.token_id)
+            except MeshError as exc:
+                raise GenerationError("INTERNAL", str(exc)) from None
+        else:
+            choice = self.sampler.sample(mixed)
         router_ms = (select_s + time.perf_counter() - t1) * 1000
         state.context.append(choice.token_id)
         state.completion.append(choice.token_id)
         text = self.tokenizer.decode(state.completion, skip_special_tokens=True)
         reason = checker.update(choice.token_id, text)
+        if reason is None and self.constraint is not None and self.constraint.finished:
+            reason = "stop"  # the grammar's output is complete
         shown = checker.streamable().rstrip("\ufffd")  # hold back half a multi-byte character
         delta = ""
         if shown.startswith(state.sent_text):
@@ -234,8 +257,12 @@ class Generation:
                 union_size=len(mixed.ids), router_ms=router_ms))
         return event, reason
 
+    def _allowed(self, candidates: list[Candidate]) -> list[Candidate]:
+        return [c for c in candidates if c.expert_id in self.allow] if self.allow else candidates
+
     def _rank(self, state: _State) -> list[Candidate]:
-        family = [c for c in self.registry.candidates() if c.tokenizer_fingerprint == self.fingerprint]
+        family = [c for c in self._allowed(self.registry.candidates())
+                  if c.tokenizer_fingerprint == self.fingerprint]
         context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]))
         return self.policy.select(family, len(family), self.rng, context)
 

@@ -11,6 +11,7 @@ from mesh_llm.errors import MeshError
 from mesh_llm.models.fingerprint import tokenizer_fingerprint
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import expert_pb2
+from mesh_llm.router.constrain import LLTokenizers
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class TokenizerCache:
         self.root = root or mesh_home() / "tokenizers"
         self._loaded: dict[str, object] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.grammar = LLTokenizers()  # grammar-engine tokenizers of the same families
 
     async def get(self, fingerprint: str, stub) -> object:
         """The tokenizer of a family, fetching its files through stub.GetTokenizer when not cached."""
