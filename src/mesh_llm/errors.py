@@ -3,3 +3,11 @@
 
 class MeshError(Exception):
     """Base of every error meant for a person to read and act on."""
+
+
+class StatusError(MeshError):
+    """A refused request; `code` names the gRPC status (e.g. "INVALID_ARGUMENT") to answer with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code

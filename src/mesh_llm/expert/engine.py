@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mesh_llm.errors import MeshError
+from mesh_llm.errors import StatusError
 from mesh_llm.expert.sessions import SessionLimits, SessionStore
 from mesh_llm.models.loading import LoadedModel
 
@@ -19,12 +19,8 @@ log = logging.getLogger(__name__)
 MAX_TOP_K_CAP = 4096
 
 
-class StepError(MeshError):
-    """A step request that cannot be served; `code` names the gRPC status to answer with."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+class StepError(StatusError):
+    """A step request that cannot be served."""
 
 
 @dataclass(frozen=True, kw_only=True)

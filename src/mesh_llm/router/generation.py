@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mesh_llm.errors import MeshError
+from mesh_llm.errors import MeshError, StatusError
 from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
+from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.constrain import BadSchema, SchemaConstraint
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import Registry
@@ -28,12 +29,8 @@ log = logging.getLogger(__name__)
 PREFILL_DEADLINE_FACTOR = 3.0
 
 
-class GenerationError(MeshError):
-    """A request that cannot start; `code` names the gRPC status to answer with."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+class GenerationError(StatusError):
+    """A generation request that cannot start or go on."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,9 +97,18 @@ class Generation:
                                                        if self.plan.policy == "latency" else {}))
         self.rng = np.random.default_rng(self.plan.seed)
         self.sampler = Sampler(self.plan.sampling, seed=self.plan.seed)
+        self.metrics = router_metrics(registry)
 
     async def start(self) -> None:
         """Pick the tokenizer family, tokenize the prompt and check limits; GenerationError if it cannot run."""
+        try:
+            await self._start()
+        except GenerationError as exc:
+            self.metrics.refused.labels(exc.code).inc()
+            raise
+        self.metrics.prompt_tokens.inc(len(self.prompt_ids))
+
+    async def _start(self) -> None:
         self.allow = set(self.request.expert_ids)
         unknown = self.allow - {r.expert_id for r in self.registry.experts()}
         if unknown:
@@ -175,11 +181,14 @@ class Generation:
         began = time.perf_counter()
         first_token_at = None
         reason = None
+        metrics = self.metrics
+        metrics.active.inc()
         try:
             while reason is None:
                 if self.halt is not None and self.halt.is_set():
                     reason = "halted"
                     break
+                token_began = time.perf_counter()
                 try:
                     event, reason = await self._next_token(state, checker)
                 except Halted:
@@ -189,9 +198,16 @@ class Generation:
                     state.notes.append(str(exc))
                     reason = "error"
                     break
-                first_token_at = first_token_at or time.perf_counter()
+                now = time.perf_counter()
+                metrics.token_seconds.observe(now - token_began)
+                if first_token_at is None:
+                    first_token_at = now
+                    metrics.first_token_seconds.observe(now - began)
                 yield router_pb2.GenerateEvent(token=event)
         finally:
+            metrics.active.dec()
+            metrics.generations.labels(reason or "cancelled").inc()
+            metrics.completion_tokens.inc(len(state.completion))
             self._close_sessions(state)
         elapsed = time.perf_counter() - began
         yield router_pb2.GenerateEvent(done=router_pb2.GenerationDone(
@@ -275,8 +291,11 @@ class Generation:
 
     def _account(self, results: list[CallResult], state: _State) -> list[CallResult]:
         used = []
+        calls = self.metrics.expert_calls
         for r in results:
+            calls.labels(outcome_kind(r.outcome)).inc()
             if r.ok:
+                self.metrics.expert_call_seconds.observe(r.latency_ms / 1000)
                 state.held[r.expert_id] = r.session_length
                 if len(used) < self.plan.k:
                     used.append(r)
