@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean browser
 
 $(STAMP): pyproject.toml setup.py $(wildcard proto/mesh_llm/v1/*.proto)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mesh demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -rs
+
+# the console test drives Debian's Chromium; without root or apt it skips and says why
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } || echo "chromium missing: tests/test_console.py will skip"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

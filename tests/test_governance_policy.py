@@ -85,3 +85,20 @@ def test_keys_are_private_and_loadable(tmp_path):
         keys.load_key("alice")
     with pytest.raises(KeyStoreError, match="bad key name"):
         keys.key_path("../etc")
+
+
+def test_packaged_default_policy_is_the_repository_policy_and_seeds_mesh_home(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from mesh_llm.governance.policy import governance_dir, load_policy
+
+    repo_policy = Path(__file__).parents[1] / "governance" / "policy.toml"
+    packaged = Path(__file__).parents[1] / "src" / "mesh_llm" / "governance" / "default_policy.toml"
+    assert packaged.read_text() == repo_policy.read_text()
+    monkeypatch.delenv("MESH_GOVERNANCE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = governance_dir()
+    from mesh_llm.paths import mesh_home
+
+    assert folder == mesh_home() / "governance"
+    assert load_policy(folder / "policy.toml").initial_phase == 1

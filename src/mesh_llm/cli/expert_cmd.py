@@ -36,6 +36,7 @@ def serve(
     idle_s: float = typer.Option(300.0, help="Drop a session unused for this many seconds."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     delay_ms: float = typer.Option(0.0, help="Emulated network latency added to every Step reply (experiments)."),
+    metrics_port: int = typer.Option(0, help="Serve Prometheus /metrics on this port, on --host (0 = off)."),
 ) -> None:
     """Load a model and serve Step/Info over gRPC; with --join, register with a router and heartbeat."""
     from mesh_llm.expert.server import ExpertConfig, resolve_join, serve_forever
@@ -52,6 +53,7 @@ def serve(
             load=LoadOptions(model=model, quant=quant, dtype=dtype, device=device), host=host, port=port,
             limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s),
             router=router_addr, secret=secret, advertise=advertise, name=name, delay_ms=delay_ms,
+            metrics_port=metrics_port or None,
         )
         try:
             asyncio.run(serve_forever(config))

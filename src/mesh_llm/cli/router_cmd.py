@@ -34,23 +34,47 @@ def serve(
     mix: str = typer.Option("linear", help="Default aggregation: linear or geometric."),
     top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
     deadline_s: float = typer.Option(10.0, help="Longest wait for one token's expert replies."),
+    api_port: int = typer.Option(None, help="Serve the OpenAI-compatible HTTP API (/v1, /metrics) on this port, "
+                                 "e.g. 9337 (0 picks a free one; default: off, or 9337 with --console)."),
+    api_host: str = typer.Option("127.0.0.1", help="Interface the HTTP API listens on (loopback by default)."),
+    api_key: list[str] = typer.Option([], help="API key clients must send as `Authorization: Bearer KEY` "
+                                      "(repeatable; keys in MESH_HOME/api_keys count too)."),
+    new_api_key: bool = typer.Option(False, help="Make a random API key, add it to MESH_HOME/api_keys and use it."),
+    console_page: bool = typer.Option(False, "--console", help="Serve the web console at /console on the API port."),
 ) -> None:
     """Serve the Router service and print the invite token donors pass to `mesh-expert serve --join`."""
     from mesh_llm.router.server import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
 
     async def run() -> None:
+        from mesh_llm.api import ApiConfig, client_settings, start_api
+        from mesh_llm.api.keys import new_key
+        from mesh_llm.api.server import DEFAULT_API_PORT
+
         settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
                                 step_deadline_s=deadline_s)
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
                                                   settings=settings))
-        console.print(f"[bold green]router serving[/bold green] on {host}:{running.port}")
-        console.print(f"invite token: [bold]{running.invite}[/bold]")
-        console.print(f"donors run:   mesh-expert serve --model smollm2-135m --join {running.invite}")
-        console.print(f"clients run:  mesh generate \"Hello\" --router {running.address}")
+        api = None
         try:
+            console.print(f"[bold green]router serving[/bold green] on {host}:{running.port}")
+            console.print(f"invite token: [bold]{running.invite}[/bold]")
+            console.print(f"donors run:   mesh-expert serve --model smollm2-135m --join {running.invite}")
+            console.print(f"clients run:  mesh generate \"Hello\" --router {running.address}")
+            wants_api = api_port is not None or console_page or api_key or new_api_key
+            if wants_api:
+                keys = (new_key(), *api_key) if new_api_key else tuple(api_key)
+                api = await start_api(running, ApiConfig(
+                    host=api_host, port=DEFAULT_API_PORT if api_port is None else api_port, keys=keys,
+                    console=console_page))
+                console.print(f"[bold green]OpenAI-compatible API[/bold green] on {api.base_url}"
+                              + ("" if api.context.keys else " (no API key needed)"))
+                for line in client_settings(api):
+                    console.print("  " + line, highlight=False, soft_wrap=True)
             await running.server.wait_for_termination()
         finally:
+            if api is not None:
+                await api.stop()
             await running.stop()
 
     with friendly_errors():
@@ -98,7 +122,7 @@ def generate(
     """Generate through the mesh, streaming tokens coloured by the experts that produced them."""
     from mesh_llm.pb import router_pb2
     from mesh_llm.router.client import router_status, stream_generate
-    from mesh_llm.router.display import StreamPrinter
+    from mesh_llm.router.display import StreamPrinter, print_stream
 
     address = _router(router)
     fields = dict(prompt=prompt, k=k, policy=policy, mix=mix, top_k=top_k, temperature=temperature, top_p=top_p,
@@ -110,14 +134,7 @@ def generate(
     async def run():
         names = {e.expert_id: e.name for e in (await router_status(address)).experts}
         printer = StreamPrinter(console, names)
-        done = None
-        async for event in stream_generate(address, request):
-            if event.HasField("token"):
-                printer.token(event.token)
-            else:
-                done = event.done
-        printer.done(done)
-        return done
+        return await print_stream(printer, stream_generate(address, request))
 
     with friendly_errors():
         done = asyncio.run(run())

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from mesh_llm.expert.engine import StepEngine
 from mesh_llm.expert.join import RouterLink, outbound_host
+from mesh_llm.expert.metrics import MetricsServer, serve_metrics
 from mesh_llm.expert.service import ExpertService
 from mesh_llm.expert.sessions import SessionLimits
 from mesh_llm.grpc_util import add_health_and_reflection, bind, new_server, set_serving
@@ -33,6 +34,7 @@ class ExpertConfig:
     max_message_bytes: int = 4 << 20  # largest request or reply
     measure_speed: bool = True  # time a short decode at start for Info.tokens_per_second
     delay_ms: float = 0.0  # emulated network latency added before every Step reply
+    metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks a free one); None = off
 
 
 @dataclass(kw_only=True)
@@ -42,6 +44,7 @@ class RunningExpert:
     service: ExpertService  # the servicer (engine inside)
     link: RouterLink | None  # router registration, when joined
     tasks: list[asyncio.Task]  # background tasks to cancel on stop
+    metrics: MetricsServer | None = None  # the /metrics HTTP server, when asked for
 
     @property
     def address(self) -> str:
@@ -56,6 +59,8 @@ class RunningExpert:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         self.service.shutdown()
 
 
@@ -81,6 +86,14 @@ async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) 
     await set_serving(health, [SERVICE], True)
     log.info("expert %s (%s, %s, %s) serving on %s:%d", loaded.model_id, loaded.device, loaded.dtype,
              loaded.quantization, config.host, port)
+    metrics = None
+    if config.metrics_port is not None:
+        try:
+            metrics = serve_metrics(service.metrics, config.host, config.metrics_port)
+        except Exception:
+            await server.stop(0)
+            service.shutdown()
+            raise
     if config.measure_speed:
         service.start_speed_probe()
     tasks = [asyncio.create_task(_sweep_sessions(service, config.limits.idle_s))]
@@ -91,7 +104,7 @@ async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) 
                           name=config.name or advertise, info=service.info,
                           active_sessions=lambda: len(engine.sessions))
         tasks.append(asyncio.create_task(link.run()))
-    return RunningExpert(server=server, port=port, service=service, link=link, tasks=tasks)
+    return RunningExpert(server=server, port=port, service=service, link=link, tasks=tasks, metrics=metrics)
 
 
 async def _sweep_sessions(service: ExpertService, idle_s: float) -> None:

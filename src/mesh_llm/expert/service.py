@@ -10,6 +10,7 @@ import grpc
 
 import mesh_llm
 from mesh_llm.expert.engine import StepEngine, StepError
+from mesh_llm.expert.metrics import ExpertMetrics
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 from mesh_llm.wire import encode_topk
 
@@ -27,6 +28,8 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-step")
         self.requests = 0
         self.failures: dict[str, int] = {}
+        self.metrics = ExpertMetrics(sessions=lambda: len(engine.sessions),
+                                     evictions=lambda: engine.sessions.evictions)
 
     def info(self) -> expert_pb2.ExpertInfo:
         """This expert's ExpertInfo message."""
@@ -45,22 +48,30 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
             return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
         except StepError as exc:
             self.failures[exc.code] = self.failures.get(exc.code, 0) + 1
+            self.metrics.failures.labels(exc.code).inc()
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         except Exception as exc:  # keep serving other sessions whatever one step hits
             log.exception("step failed")
             self.failures["INTERNAL"] = self.failures.get("INTERNAL", 0) + 1
+            self.metrics.failures.labels("INTERNAL").inc()
             await context.abort(grpc.StatusCode.INTERNAL, f"expert failed on this step: {type(exc).__name__}: {exc}")
 
     async def Info(self, request, context):
+        self.metrics.requests["Info"].inc()
         return self.info()
 
     async def Step(self, request: expert_pb2.StepRequest, context):
+        self.metrics.requests["Step"].inc()
         if request.encoding not in (expert_pb2.LOGPROB_F32, expert_pb2.LOGPROB_F16):
+            self.metrics.failures.labels("INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown logprob encoding {request.encoding}")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         result = await self._run(context, self.engine.step, request.session_id, request.start_position,
                                  list(request.tokens), request.top_k, request.all_positions)
+        self.metrics.step_seconds.observe(result.compute_ms / 1000)
+        self.metrics.tokens.inc(len(request.tokens))
+        self.metrics.distributions.inc(len(result.distributions))
         return expert_pb2.StepReply(
             distributions=[encode_topk(d.ids, d.logprobs, d.rest_logmass, request.encoding)
                            for d in result.distributions],
@@ -68,14 +79,17 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
         )
 
     async def Rollback(self, request, context):
+        self.metrics.requests["Rollback"].inc()
         length = await self._run(context, self.engine.rollback, request.session_id, request.length)
         return expert_pb2.RollbackReply(session_length=length)
 
     async def CloseSession(self, request, context):
+        self.metrics.requests["CloseSession"].inc()
         existed = await self._run(context, self.engine.close, request.session_id)
         return expert_pb2.CloseSessionReply(existed=existed)
 
     async def GetTokenizer(self, request, context):
+        self.metrics.requests["GetTokenizer"].inc()
         for name, data in self.engine.tokenizer_files().items():
             for offset in range(0, max(len(data), 1), CHUNK):
                 yield expert_pb2.FileChunk(name=name, offset=offset, data=data[offset:offset + CHUNK])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Governance:
         self.clock = clock
         self.registry = registry or ActionRegistry()
         self.switch = HaltSwitch()
+        self._switch_lock = threading.RLock()  # a halt or resume in this process owns the switch until it is stored
         self.members_path = members_path
         self.runner = ActionRunner(engine=engine, registry=self.registry, clock=clock,
                                    is_halted=lambda: self.switch.is_halted)
@@ -69,13 +71,24 @@ class Governance:
         from mesh_llm.store.db import open_engine
 
         folder = gov_dir or governance_dir()
+        cls._check_dir(folder)
+        return cls.on_engine(open_engine(db_url), gov_dir=folder, clock=clock, registry=registry)
+
+    @classmethod
+    def on_engine(cls, engine: Engine, *, gov_dir: Path | None = None, clock: Clock = time.time,
+                  registry: ActionRegistry | None = None) -> Governance:
+        """Governance over an already migrated engine (e.g. the router's) with the files in gov_dir."""
+        folder = gov_dir or governance_dir()
+        cls._check_dir(folder)
+        return cls(engine=engine, policy=load_policy(folder / "policy.toml"),
+                   members=load_members(folder / "members.toml"), clock=clock, registry=registry,
+                   members_path=folder / "members.toml")
+
+    @staticmethod
+    def _check_dir(folder: Path) -> None:
         if not (folder / "policy.toml").is_file():
             raise PolicyError(f"no policy.toml in {folder}: set MESH_GOVERNANCE_DIR to the folder holding "
                               "policy.toml and members.toml (the repository's governance/)")
-        policy = load_policy(folder / "policy.toml")
-        members = load_members(folder / "members.toml")
-        return cls(engine=open_engine(db_url), policy=policy, members=members, clock=clock, registry=registry,
-                   members_path=folder / "members.toml")
 
     # members and quorums
 
@@ -135,6 +148,10 @@ class Governance:
 
     def halt(self, msg: SignedMessage) -> HaltState:
         """Halt the mesh on a valid signed halt by any member; revert the last N applied actions."""
+        with self._switch_lock:
+            return self._halt(msg)
+
+    def _halt(self, msg: SignedMessage) -> HaltState:
         with self._refusals("halt", msg.signer):
             payload = self._verified(msg, HaltPayload)
             self._nonce_unused(msg)
@@ -162,6 +179,10 @@ class Governance:
 
     def resume(self, msg: SignedMessage) -> HaltState:
         """Count a signed resume vote; lift the halt once the resume quorum is met."""
+        with self._switch_lock:
+            return self._resume(msg)
+
+    def _resume(self, msg: SignedMessage) -> HaltState:
         with self._refusals("resume", msg.signer):
             payload = self._verified(msg, ResumePayload)
             now = self.clock()
@@ -195,9 +216,14 @@ class Governance:
 
     def refresh(self) -> HaltState:
         """Bring the in-process switch in line with the store (halts and resumes by other processes)."""
-        state = self.halt_state()
-        self.switch._set(state.halted, state.reason)
-        return state
+        if not self._switch_lock.acquire(blocking=False):
+            return self.halt_state()  # a halt or resume of this process (another thread) sets the switch itself
+        try:
+            state = self.halt_state()
+            self.switch._set(state.halted, state.reason)
+            return state
+        finally:
+            self._switch_lock.release()
 
     def _halted_in_store(self, conn) -> bool:
         return self.switch.is_halted or current_halt(conn) is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from importlib import resources
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -127,14 +128,25 @@ class Members(_Strict):
 
 
 def governance_dir() -> Path:
-    """MESH_GOVERNANCE_DIR, else ./governance when it has a policy.toml, else MESH_HOME/governance."""
+    """MESH_GOVERNANCE_DIR, else ./governance when it has a policy.toml, else MESH_HOME/governance (seeded)."""
     env = os.environ.get("MESH_GOVERNANCE_DIR")
     if env:
         return Path(env).expanduser()
     local = Path.cwd() / "governance"
     if (local / "policy.toml").is_file():
         return local
-    return mesh_home() / "governance"
+    home = mesh_home() / "governance"
+    seed_policy(home)
+    return home
+
+
+def seed_policy(folder: Path) -> None:
+    """Write the packaged default policy.toml into folder unless it already has one."""
+    target = folder / "policy.toml"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        target.write_text(resources.files("mesh_llm.governance").joinpath("default_policy.toml").read_text())
+        log.info("wrote the default governance policy to %s; edit it there", target)
 
 
 def _read_toml(path: Path) -> dict:

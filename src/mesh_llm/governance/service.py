@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 
@@ -29,13 +31,19 @@ class GovernanceServicer(pb_grpc.GovernanceServicer):
 
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
         except GovernanceError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), f"{type(exc).__name__}: {exc}")
 
     async def HaltMesh(self, request, context):  # noqa: N802
-        """Halt the mesh on a signed halt."""
-        state = await self._call(context, self.gov.halt, convert.signed_from_pb(request))
+        """Halt the mesh on a signed halt; stored off the event loop, so streams stop while it is written."""
+        msg = convert.signed_from_pb(request)
+        url = self.gov.engine.url
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):  # one in-memory DB per thread
+            state = await self._call(context, self.gov.halt, msg)
+        else:  # Governance.halt sets the switch before it writes; waiters on this loop wake at once
+            state = await self._call(context, asyncio.to_thread, self.gov.halt, msg)
         return convert.halt_to_pb(state)
 
     async def ResumeMesh(self, request, context):  # noqa: N802

@@ -21,7 +21,7 @@ from mesh_llm.models.loading import checkpoint_for
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.client import stream_generate
-from mesh_llm.router.display import StreamPrinter
+from mesh_llm.router.display import StreamPrinter, print_stream
 from mesh_llm.router.server import RouterConfig, RunningRouter, start_router
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,7 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> router
         request = router_pb2.GenerateRequest(prompt=config.prompt, k=config.k, policy=config.policy, mix=config.mix,
                                              max_tokens=config.max_tokens, temperature=config.temperature,
                                              chat=True, seed=config.seed)
-        done = None
-        async for event in stream_generate(router.address, request):
-            if event.HasField("token"):
-                printer.token(event.token)
-            else:
-                done = event.done
-        printer.done(done)
-        return done
+        return await print_stream(printer, stream_generate(router.address, request))
     finally:
         for proc in procs:
             proc.terminate()

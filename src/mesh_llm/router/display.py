@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator
 
 from rich.console import Console
 from rich.table import Table
@@ -54,3 +55,16 @@ class StreamPrinter:
         for expert_id, count in self.contributions.most_common():
             table.add_row(self.name(expert_id), str(count))
         self.console.print(table)
+
+
+async def print_stream(printer: StreamPrinter,
+                       events: AsyncIterator[router_pb2.GenerateEvent]) -> router_pb2.GenerationDone:
+    """Print a whole Generate stream through printer and return its final summary."""
+    done = None
+    async for event in events:
+        if event.HasField("token"):
+            printer.token(event.token)
+        else:
+            done = event.done
+    printer.done(done)
+    return done

@@ -15,8 +15,8 @@ import numpy as np
 from mesh_llm.errors import MeshError, StatusError
 from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
-from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.constrain import BadSchema, SchemaConstraint
+from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import Registry
 from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker

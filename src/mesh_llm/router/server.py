@@ -1,24 +1,31 @@
-"""Starting and stopping a router: registry on the SQL store, gRPC service, health sweeps, invite token."""
+"""Starting and stopping a router: registry and governance on the SQL store, gRPC services, sweeps, invite token."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from mesh_llm.agent import service as agent_service
+from mesh_llm.governance import service as governance_service
+from mesh_llm.governance.core import Governance
 from mesh_llm.grpc_util import add_health_and_reflection, bind, new_server, set_serving
 from mesh_llm.invite import Invite, encode_invite, new_secret
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import router_pb2, router_pb2_grpc
+from mesh_llm.router.actions import router_action_registry
 from mesh_llm.router.registry import Registry, RegistryConfig
-from mesh_llm.router.service import HaltState, RouterService
+from mesh_llm.router.service import RouterService
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.store.db import open_engine
 
 log = logging.getLogger(__name__)
 SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+SERVICES = [SERVICE, governance_service.SERVICE_NAME, agent_service.SERVICE_NAME]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +37,9 @@ class RouterConfig:
     advertise: str | None = None  # host:port put into the invite token; default host:port bound
     settings: MeshSettings = field(default_factory=MeshSettings)  # generation defaults
     registry: RegistryConfig = field(default_factory=RegistryConfig)  # heartbeat and failure rules
+    governance_dir: Path | None = None  # policy.toml and members.toml; None = policy.governance_dir()
+    governance_poll_s: float = 0.2  # how often halts, resumes and due actions from other processes are picked up
+    halt_grace_s: float = 0.5  # Generate calls still running this long after a halt are cancelled
 
 
 @dataclass(kw_only=True)
@@ -38,8 +48,9 @@ class RunningRouter:
     port: int  # port bound
     service: RouterService  # the servicer
     registry: Registry  # experts
+    governance: Governance  # kill switch, proposals, actions and audit on the same store
     invite: str  # token donors pass to --join
-    tasks: list[asyncio.Task]  # background sweeps
+    tasks: list[asyncio.Task]  # registry sweep and governance watch
 
     @property
     def address(self) -> str:
@@ -47,7 +58,7 @@ class RunningRouter:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float = 0.5) -> None:
-        """Stop sweeps, the server and expert channels; flush the registry."""
+        """Stop background tasks, the server and expert channels; flush the registry."""
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -67,25 +78,41 @@ def saved_secret() -> str:
     return path.read_text().strip()
 
 
+def open_governance(engine, config: RouterConfig, settings: MeshSettings, registry: Registry) -> Governance:
+    """Governance over the router's store with this router's action handlers registered."""
+    actions = router_action_registry(settings=settings, registry=registry)
+    return Governance.on_engine(engine, gov_dir=config.governance_dir, registry=actions)
+
+
 async def start_router(config: RouterConfig) -> RunningRouter:
-    """Open the store, start serving the Router service, and start the registry sweep."""
+    """Open the store, start serving the Router and Governance services, and start the background tasks."""
     config.settings.validate()
+    if config.governance_poll_s <= 0 or config.halt_grace_s <= 0:
+        raise ValueError("governance_poll_s and halt_grace_s must be > 0")
     engine = open_engine(config.db_url)
     registry = Registry(engine, config.registry)
+    settings = dataclasses.replace(config.settings)  # governance actions change this live copy
+    governance = open_governance(engine, config, settings, registry)  # a stored halt comes back here
     secret = config.secret or saved_secret()
-    halt = HaltState()
-    service = RouterService(registry=registry, settings=config.settings, secret=secret, halt=halt)
+    service = RouterService(registry=registry, settings=settings, secret=secret, governance=governance,
+                            halt_grace_s=config.halt_grace_s)
     server = new_server()
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
-    health = add_health_and_reflection(server, [SERVICE])
+    governance_service.add_to_server(server, governance)
+    agent_service.add_to_server(server, governance)
+    health = add_health_and_reflection(server, SERVICES)
     port = bind(server, config.host, config.port)
     await server.start()
-    await set_serving(health, [SERVICE], True)
+    await set_serving(health, SERVICES, True)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     invite = encode_invite(Invite(router=config.advertise or f"{host}:{port}", secret=secret))
-    tasks = [asyncio.create_task(_sweep(registry))]
+    tasks = [asyncio.create_task(_sweep(registry)),
+             asyncio.create_task(governance.watch(config.governance_poll_s))]
+    if governance.switch.is_halted:
+        log.warning("router starts HALTED (%s): a quorum of `mesh resume` votes lifts it", governance.switch.reason)
     log.info("router serving on %s:%d", config.host, port)
-    return RunningRouter(server=server, port=port, service=service, registry=registry, invite=invite, tasks=tasks)
+    return RunningRouter(server=server, port=port, service=service, registry=registry, governance=governance,
+                         invite=invite, tasks=tasks)
 
 
 async def _sweep(registry: Registry) -> None:

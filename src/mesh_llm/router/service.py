@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 import grpc
 
+from mesh_llm.governance.core import Governance
+from mesh_llm.governance.errors import MeshHalted
+from mesh_llm.governance.killswitch import HaltSwitch
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.generation import Generation, GenerationError
 from mesh_llm.router.pool import ExpertPool
@@ -20,37 +25,38 @@ from mesh_llm.router.tokenizers import TokenizerCache
 log = logging.getLogger(__name__)
 
 
-class HaltState:
-    """The router's view of the kill switch: an event set while halted, with the reason."""
+class HaltSignal:
+    """The governance HaltSwitch seen as the event a Generation waits on: one flag, no copy of it."""
 
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.reason = ""
+    def __init__(self, switch: HaltSwitch) -> None:
+        """Mirror this switch."""
+        self.switch = switch
 
-    def set(self, reason: str) -> None:
-        """Enter the halted state (every generation stops at its next wait)."""
-        self.reason = reason
-        self.event.set()
+    def is_set(self) -> bool:
+        """True while the mesh is halted."""
+        return self.switch.is_halted
 
-    def clear(self) -> None:
-        """Leave the halted state."""
-        self.reason = ""
-        self.event.clear()
+    async def wait(self) -> bool:
+        """Return as soon as the mesh is halted."""
+        await self.switch.wait_halted()
+        return True
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
     """Serves the Router service over a registry, an expert pool and mesh settings."""
 
-    def __init__(self, *, registry: Registry, settings: MeshSettings, secret: str, halt: HaltState,
+    def __init__(self, *, registry: Registry, settings: MeshSettings, secret: str, governance: Governance,
                  pool: ExpertPool | None = None, tokenizers: TokenizerCache | None = None,
-                 phase: callable = lambda: 1):
+                 halt_grace_s: float = 0.5):
+        """Serve over this registry and settings; governance's halt switch gates every generation."""
         self.registry = registry
         self.settings = settings
         self.secret = secret
-        self.halt = halt
+        self.governance = governance
+        self.halt = HaltSignal(governance.switch)
+        self.halt_grace_s = halt_grace_s  # a generation still running this long after a halt is cancelled
         self.pool = pool or ExpertPool()
         self.tokenizers = tokenizers or TokenizerCache()
-        self.phase = phase
         self.active: set[asyncio.Task] = set()
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) of finished generations
 
@@ -79,12 +85,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return router_pb2.ListExpertsReply(experts=[r.to_proto() for r in self.registry.experts()])
 
     async def GetRouterStatus(self, request, context):
-        s = self.settings
+        s, switch = self.settings, self.governance.switch
         return router_pb2.RouterStatus(
             experts=[r.to_proto() for r in self.registry.experts()], default_k=s.default_k,
-            default_policy=s.default_policy, default_mix=s.default_mix, halted=self.halt.event.is_set(),
-            halt_reason=self.halt.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
-            active_generations=len(self.active), phase=self.phase())
+            default_policy=s.default_policy, default_mix=s.default_mix, halted=switch.is_halted,
+            halt_reason=switch.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
+            active_generations=len(self.active), phase=self.governance.phase().phase)
 
     def recent_tokens_per_second(self, window_s: float = 60.0) -> float:
         """Tokens generated per second over the last window_s seconds."""
@@ -93,12 +99,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return tokens / window_s
 
     async def Generate(self, request, context):
-        if self.halt.event.is_set():
+        try:
+            self.governance.switch.check()
+        except MeshHalted:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"the mesh is halted ({self.halt.reason}); a quorum of `mesh resume` votes lifts it")
+                                f"the mesh is halted ({self.governance.switch.reason}); "
+                                "a quorum of `mesh resume` votes lifts it")
         try:
             generation = Generation(request=request, registry=self.registry, pool=self.pool,
-                                    tokenizers=self.tokenizers, settings=self.settings, halt=self.halt.event)
+                                    tokenizers=self.tokenizers, settings=self.settings, halt=self.halt)
             await generation.start()
         except GenerationError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
@@ -106,12 +115,50 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.active.add(task)
         tokens = 0
         try:
-            async for event in generation.run():
+            async for event in self._halt_bounded(generation.run()):
                 tokens += event.HasField("token")
                 yield event
         finally:
             self.active.discard(task)
             self._recent.append((time.monotonic(), tokens))
+
+    async def _halt_bounded(self, events: AsyncIterator[router_pb2.GenerateEvent]
+                            ) -> AsyncIterator[router_pb2.GenerateEvent]:
+        """Events of one generation; one still running halt_grace_s after a halt is cancelled and ends "halted"."""
+        hard_stop = asyncio.create_task(self._grace_after_halt())
+        step: asyncio.Future | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(events.__anext__())
+                await asyncio.wait({step, hard_stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    log.warning("a generation was still running %.2f s after the halt: cancelled", self.halt_grace_s)
+                    step.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await step
+                    yield router_pb2.GenerateEvent(done=router_pb2.GenerationDone(
+                        finish_reason="halted", notes=[f"cancelled {self.halt_grace_s:g} s after the halt"]))
+                    return
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            hard_stop.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await step
+            await events.aclose()
+
+    async def _grace_after_halt(self) -> None:
+        """Return once the mesh has been halted for halt_grace_s (and still is)."""
+        while True:
+            await self.governance.switch.wait_halted()
+            await asyncio.sleep(self.halt_grace_s)
+            if self.governance.switch.is_halted:
+                return
 
     async def close(self) -> None:
         """Close expert channels."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every command behind the numbers in research/, in the order they were run (about 45 minutes on 2 CPU cores).
+# Results go to results/ (git-ignored); charts and tables are then copied into research/ by plot.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+
+# speed against K and RTT (research/sweep.md)
+$PY experiments/sweep.py --experts 4 --k 1,2,4 --rtt-ms 0,20,50,100 --tokens 64 --repeats 2 --out results/sweep.jsonl
+# bandwidth per expert per token against top-k
+$PY experiments/sweep.py --experts 4 --k 1,4 --rtt-ms 0 --top-k 16,64,256 --tokens 32 --out results/sweep_topk.jsonl
+# jitter, loss and straggler over-selection
+$PY experiments/sweep.py --experts 4 --k 1,2,3 --extra 0,1 --rtt-ms 50 --jitter-ms 30 --loss 0.02 --tokens 64 \
+    --out results/sweep_jitter.jsonl
+# experts at different distances: random against latency-aware selection
+$PY experiments/sweep.py --experts 4 --k 1,2 --per-expert-rtt 0,20,50,100 --policy random,latency --tokens 64 \
+    --out results/sweep_hetero.jsonl
+# router benchmark (research/bench_router.md)
+$PY experiments/bench_router.py --out results/bench_router.json
+# 300 simulated experts (research/simulate.md)
+$PY experiments/simulate.py --out results/simulate.jsonl
+# quality (research/quality.md): the default run, then a larger one
+$PY experiments/quality.py --out results/quality.jsonl --md results/quality.md
+$PY experiments/quality.py --tokens 1024 --questions 100 --out results/quality_large.jsonl --md results/quality_large.md
+
+for f in sweep sweep_topk sweep_jitter sweep_hetero simulate quality quality_large; do
+    $PY experiments/plot.py results/$f.jsonl --out-dir research/img --prefix $f
+done
