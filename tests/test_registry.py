@@ -151,9 +151,12 @@ def test_state_survives_reopening(url, clock):
 
     second = Registry(open_engine(url), clock=clock)
     ra, rb = second.get(a), second.get(b)
-    assert (ra.name, ra.weight, ra.tokens_served, ra.rtt_ms, ra.state) == ("alpha", 2.5, 5, 30.0, "online")
+    assert (ra.name, ra.weight, ra.tokens_served, ra.rtt_ms) == ("alpha", 2.5, 5, 30.0)
     assert ra.eos_token_ids == (2, 7)
     assert rb.state == "quarantined"
+    # not heard from since the restart: not selected until it heartbeats
+    assert ra.state == "suspect" and second.candidates() == []
+    assert second.heartbeat(a) and [c.expert_id for c in second.candidates()] == [a]
     assert second.register("127.0.0.1:5002", SPEC) == b
 
 
@@ -197,3 +200,4 @@ def test_spec_and_status_protos(registry):
 def test_defaults_notice_a_dead_expert_within_five_seconds():
     config = RegistryConfig()
     assert config.gone_after_s <= 5.0 and config.heartbeat_interval_s == 1.0 and config.max_failures == 3
+

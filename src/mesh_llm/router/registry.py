@@ -126,6 +126,10 @@ class Registry:
         self._by_address = {row["address"]: eid for eid, row in self._rows.items()}
         now = self.clock()
         self._since = {eid: now for eid in self._rows}  # when each expert entered its current state
+        for row in self._rows.values():
+            if row["state"] == ONLINE:  # not heard from since before this start: online again on a heartbeat
+                self._set_state(row, SUSPECT, now)
+                self._dirty.add(row["expert_id"])
         log.info("registry loaded %d experts", len(self._rows))
 
     # registration and heartbeats -------------------------------------------------------------
