@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every command behind the numbers in research/, in the order they were run (about 45 minutes on 2 CPU cores).
+# Every command behind the numbers in research/ (about 50 minutes on 2 quiet CPU cores; research/README.md says
+# which run of each is reported and when it was rerun).
 # Results go to results/ (git-ignored); charts and tables are then copied into research/ by plot.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,11 @@ $PY experiments/simulate.py --out results/simulate.jsonl
 # quality (research/quality.md): the default run, then a larger one
 $PY experiments/quality.py --out results/quality.jsonl --md results/quality.md
 $PY experiments/quality.py --tokens 1024 --questions 100 --out results/quality_large.jsonl --md results/quality_large.md
+# every ARC-Easy validation question in the oe_eval request file (570)
+$PY experiments/quality.py --tokens 1024 --questions 570 --out results/quality_arc570.jsonl --md results/quality_arc570.md
 
-for f in sweep sweep_topk sweep_jitter sweep_hetero simulate quality quality_large; do
+for f in sweep sweep_topk sweep_jitter sweep_hetero simulate quality_large; do
     $PY experiments/plot.py results/$f.jsonl --out-dir research/img --prefix $f
 done
+cp results/quality.md research/img/quality.md
+cp results/quality_arc570.md research/img/quality_arc570.md

@@ -72,6 +72,9 @@ class Runner:
         watchers = [asyncio.create_task(self._watch_store()), asyncio.create_task(self._watch_router())]
         try:
             await asyncio.wait({main, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+            self.gov.refresh()  # a halt can end the round's generation before a watcher's next poll
+            if self.gov.switch.is_halted and not self.report.halted:
+                self._halted(self.gov.switch.reason)
         finally:
             for task in (main, *watchers):
                 task.cancel()

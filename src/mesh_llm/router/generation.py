@@ -219,17 +219,17 @@ class Generation:
     async def _next_token(self, state: _State, checker: StopChecker):
         t0 = time.perf_counter()
         ranked = self._rank(state)
-        targets = [self._target(c) for c in ranked]
         select_s = time.perf_counter() - t0
         prefill = not state.held
         deadline = self.plan.deadline_s * (PREFILL_DEADLINE_FACTOR if prefill else 1.0)
 
-        async def call(target: Target, timeout: float) -> CallResult:
-            return await call_expert(target, session_id=self.session_id, context=state.context,
-                                     held=state.held.get(target.expert_id, 0), top_k=self.plan.top_k,
+        async def call(candidate: Candidate, timeout: float) -> CallResult:
+            # targets (registry lookup, channel) are built only for the experts actually asked
+            return await call_expert(self._target(candidate), session_id=self.session_id, context=state.context,
+                                     held=state.held.get(candidate.expert_id, 0), top_k=self.plan.top_k,
                                      timeout=timeout)
 
-        results = await gather_replies(targets, k=self.plan.k, extra=self.plan.extra, deadline_s=deadline,
+        results = await gather_replies(ranked, k=self.plan.k, extra=self.plan.extra, deadline_s=deadline,
                                        halt=self.halt, call=call)
         t1 = time.perf_counter()
         used = self._account(results, state)
@@ -269,7 +269,8 @@ class Generation:
             used_ids = {r.expert_id for r in used}
             event.trace.CopyFrom(router_pb2.TokenTrace(
                 calls=[router_pb2.ExpertCall(expert_id=r.expert_id, used=r.expert_id in used_ids, outcome=r.outcome,
-                                             latency_ms=r.latency_ms, reply_bytes=r.reply_bytes) for r in results],
+                                             latency_ms=r.latency_ms, reply_bytes=r.reply_bytes,
+                                             compute_ms=r.compute_ms) for r in results],
                 union_size=len(mixed.ids), router_ms=router_ms))
         return event, reason
 

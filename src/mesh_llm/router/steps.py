@@ -89,16 +89,16 @@ def _ms(began: float) -> float:
     return (time.perf_counter() - began) * 1000
 
 
-async def gather_replies(ranked: Sequence[Target], *, k: int, extra: int, deadline_s: float,
+async def gather_replies(ranked: Sequence, *, k: int, extra: int, deadline_s: float,
                          halt: asyncio.Event | None, call) -> list[CallResult]:
-    """Launch the first k+extra targets, replace failures from the rest, stop at k good replies or the deadline.
+    """Launch the first k+extra of ranked, replace failures from the rest, stop at k good replies or the deadline.
 
-    `call(target, timeout)` performs one expert call. Returns every launched call's result (late
+    Items of ranked need an `expert_id`; `call(item, timeout)` performs one expert call. Returns every launched call's result (late
     ones as outcome "late"). Raises Halted if `halt` is set meanwhile.
     """
     end = time.perf_counter() + deadline_s
     queue = list(ranked)
-    pending: dict[asyncio.Task, Target] = {}
+    pending: dict[asyncio.Task, object] = {}
     started: dict[str, float] = {}
     results: list[CallResult] = []
     good = 0

