@@ -6,17 +6,20 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mesh_llm.errors import StatusError
 from mesh_llm.expert.sessions import SessionLimits, SessionStore
+from mesh_llm.grpc_util import DEFAULT_MAX_MESSAGE
 from mesh_llm.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 MAX_TOP_K_CAP = 4096
+ROW_BLOCK = 256  # log-softmax rows computed at once (bounds the extra memory of long all-position steps)
 
 
 class StepError(StatusError):
@@ -35,6 +38,7 @@ class StepResult:
     distributions: list[TopKResult]  # one per requested position
     session_length: int  # tokens held after the step
     compute_ms: float  # time in the model
+    scores: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))  # log-prob of each score id
 
 
 class StepEngine:
@@ -47,13 +51,20 @@ class StepEngine:
         self.tokens_per_second = 0.0
         self.steps = 0
         self.tokens_processed = 0
+        self.max_reply_bytes = DEFAULT_MAX_MESSAGE  # the gRPC message limit replies must fit
         self._tokenizer_files: dict[str, bytes] | None = None
 
-    def step(self, session_id: str, start: int, tokens: list[int], top_k: int, all_positions: bool) -> StepResult:
-        """Append tokens at position start (rolling back or opening the session) and return top-k distributions."""
+    def step(self, session_id: str, start: int, tokens: list[int], top_k: int, all_positions: bool,
+             score_ids: Sequence[int] = (), value_bytes: int = 4) -> StepResult:
+        """Append tokens at position start (rolling back or opening the session); top-k distributions and scores.
+
+        scores[j] is the full-vocabulary log-probability of score_ids[j] after appended token j, from the
+        same forward pass; value_bytes (4 for float32, 2 for float16) sizes the reply for the message limit.
+        """
         import torch
 
         self._validate(session_id, start, tokens, top_k)
+        self._validate_scoring(tokens, top_k, all_positions, score_ids, value_bytes)
         session = self.sessions.get(session_id)
         if session is None:
             if start != 0:
@@ -71,10 +82,10 @@ class StepEngine:
         try:
             with torch.inference_mode():
                 ids = torch.tensor([tokens], dtype=torch.long, device=self.loaded.device)
+                keep = len(tokens) if all_positions or score_ids else 1  # row j follows appended token j
                 out = self.loaded.model(input_ids=ids, past_key_values=session.cache, use_cache=True,
-                                        logits_to_keep=len(tokens) if all_positions else 1)
-            logits = out.logits[0].float()
-            distributions = [self._topk(row, top_k) for row in logits]
+                                        logits_to_keep=keep)
+                distributions, scores = self._read_rows(out.logits[0], top_k, all_positions, score_ids)
         except Exception:
             self.sessions.drop(session_id)  # the cache may hold a half-written step
             raise
@@ -82,7 +93,7 @@ class StepEngine:
         elapsed = time.perf_counter() - began
         self._account(len(tokens), elapsed)
         return StepResult(distributions=distributions, session_length=len(session.tokens),
-                          compute_ms=elapsed * 1000)
+                          compute_ms=elapsed * 1000, scores=scores)
 
     def rollback(self, session_id: str, length: int) -> int:
         """Shorten a session to length tokens; returns the new length."""
@@ -140,6 +151,24 @@ class StepEngine:
             raise StepError("RESOURCE_EXHAUSTED", f"a session of {start + len(tokens)} tokens exceeds this "
                             "expert's KV-cache budget; raise --max-cache-mb or shorten the context")
 
+    def _validate_scoring(self, tokens: list[int], top_k: int, all_positions: bool, score_ids: Sequence[int],
+                          value_bytes: int) -> None:
+        if len(score_ids) > len(tokens):
+            raise StepError("INVALID_ARGUMENT", f"{len(score_ids)} score_ids for {len(tokens)} tokens; send at most "
+                            "one per appended token (score_ids[j] is scored at the position after tokens[j])")
+        vocab = self.loaded.vocab_size
+        bad = next((t for t in score_ids if t >= vocab), None)
+        if bad is not None:
+            raise StepError("INVALID_ARGUMENT", f"score id {bad} is outside the vocabulary (0..{vocab - 1}); "
+                            "send ids of this expert's tokenizer")
+        positions = len(tokens) if all_positions else 1
+        size = self.reply_bytes(positions, top_k, value_bytes, len(score_ids))
+        if size > self.max_reply_bytes:
+            per_step = max(1, (self.max_reply_bytes - 64) // max(1, self.reply_bytes(1, top_k, value_bytes, 1) - 64))
+            raise StepError("RESOURCE_EXHAUSTED", f"the reply ({positions} distributions of top_k {top_k}, about "
+                            f"{size:,} bytes) would exceed the gRPC message limit of {self.max_reply_bytes:,} bytes; "
+                            f"send fewer tokens per step (at most {per_step} at this top_k) or a smaller top_k")
+
     def _new_cache(self):
         from transformers import DynamicCache
 
@@ -154,18 +183,48 @@ class StepEngine:
             session.cache.crop(-removed)  # a negative count removes that many trailing positions
         del session.tokens[length:]
 
-    def _topk(self, logits, top_k: int) -> TopKResult:
+    def _read_rows(self, logits, top_k: int, all_positions: bool,
+                   score_ids: Sequence[int]) -> tuple[list[TopKResult], np.ndarray]:
+        """Top-k distributions (every row, or the last) and the score ids' log-probabilities, block by block."""
         import torch
 
-        logprobs = torch.log_softmax(logits, dim=-1)
-        values, ids = torch.topk(logprobs, top_k)
-        if top_k >= logprobs.shape[-1]:
-            rest = -math.inf
+        n = logits.shape[0]
+        scored = len(score_ids)
+        targets = torch.tensor(list(score_ids), dtype=torch.long, device=logits.device)
+        scores = np.empty(scored, dtype=np.float32)
+        distributions: list[TopKResult] = []
+        for lo in range(0, n, ROW_BLOCK):
+            hi = min(lo + ROW_BLOCK, n)
+            rows = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+            if lo < scored:
+                upto = min(hi, scored)
+                picked = rows[torch.arange(upto - lo, device=rows.device), targets[lo:upto]]
+                scores[lo:upto] = picked.cpu().numpy()
+            if all_positions:
+                distributions += self._topk(rows, top_k)
+            elif hi == n:
+                distributions += self._topk(rows[-1:], top_k)
+        return distributions, scores
+
+    @staticmethod
+    def _topk(rows, top_k: int) -> list[TopKResult]:
+        """Top-k of each log-softmax row with the log of the mass outside it."""
+        import torch
+
+        values, ids = torch.topk(rows, top_k, dim=-1)
+        if top_k >= rows.shape[-1]:
+            rest = [-math.inf] * rows.shape[0]
         else:
-            outside = logprobs.clone()
-            outside[ids] = -math.inf
-            rest = float(torch.logsumexp(outside, dim=-1))
-        return TopKResult(ids=ids.cpu().numpy(), logprobs=values.cpu().double().numpy(), rest_logmass=rest)
+            outside = rows.clone()
+            outside.scatter_(1, ids, -math.inf)
+            rest = torch.logsumexp(outside, dim=-1).cpu().tolist()
+        ids, values = ids.cpu().numpy(), values.cpu().double().numpy()
+        return [TopKResult(ids=ids[i], logprobs=values[i], rest_logmass=rest[i]) for i in range(rows.shape[0])]
+
+    def reply_bytes(self, positions: int, top_k: int, value_bytes: int, scores: int) -> int:
+        """Upper estimate of a StepReply's size: per entry an id delta varint and a value, plus framing."""
+        id_bytes = max(1, (max(self.loaded.vocab_size - 1, 1).bit_length() + 6) // 7)
+        return positions * (top_k * (id_bytes + value_bytes) + 20) + scores * 4 + 64
 
     def _account(self, tokens: int, elapsed: float) -> None:
         self.steps += 1

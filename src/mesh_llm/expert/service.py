@@ -67,8 +67,10 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown logprob encoding {request.encoding}")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        value_bytes = 2 if request.encoding == expert_pb2.LOGPROB_F16 else 4
         result = await self._run(context, self.engine.step, request.session_id, request.start_position,
-                                 list(request.tokens), request.top_k, request.all_positions)
+                                 list(request.tokens), request.top_k, request.all_positions,
+                                 list(request.score_ids), value_bytes)
         self.metrics.step_seconds.observe(result.compute_ms / 1000)
         self.metrics.tokens.inc(len(request.tokens))
         self.metrics.distributions.inc(len(result.distributions))
@@ -76,6 +78,7 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
             distributions=[encode_topk(d.ids, d.logprobs, d.rest_logmass, request.encoding)
                            for d in result.distributions],
             session_length=result.session_length, compute_ms=result.compute_ms, encoding=request.encoding,
+            score_logprobs=result.scores.tolist(),
         )
 
     async def Rollback(self, request, context):
