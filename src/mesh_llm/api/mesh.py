@@ -150,7 +150,8 @@ def generate_request(body: CommonRequest, *, prompt: str, chat: bool, fingerprin
     fields = dict(prompt=prompt, chat=chat, model_family=fingerprint, temperature=temperature, top_p=top_p,
                   max_tokens=max_tokens or 0, stop=body.stop or [], k=body.k or 0, policy=body.policy or "",
                   mix=body.mix or "", top_k=body.top_k or 0, fill=body.fill or "", extra=body.extra or 0,
-                  sample_top_k=body.sample_top_k or 0, json_schema=json_schema)
+                  sample_top_k=body.sample_top_k or 0, json_schema=json_schema, draft=body.draft or "",
+                  draft_max=body.draft_max or 0)
     if body.seed is not None:
         fields["seed"] = body.seed
     return router_pb2.GenerateRequest(**fields)

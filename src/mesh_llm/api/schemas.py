@@ -50,6 +50,8 @@ class CommonRequest(BaseModel):
     fill: str | None = None  # spread, zero, floor
     extra: int | None = Field(default=None, ge=0, le=64)  # straggler over-selection
     sample_top_k: int | None = Field(default=None, ge=0)  # sample among this many most likely tokens
+    draft: str | None = None  # drafter for multi-token rounds: none, ngram, model:NAME
+    draft_max: int | None = Field(default=None, ge=1, le=16)  # most tokens drafted per round
 
     @field_validator("n")
     @classmethod

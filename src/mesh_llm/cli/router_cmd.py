@@ -17,6 +17,11 @@ router_app = typer.Typer(help="Run the router: registry, K-of-N selection, mixin
 ROUTER_HELP = "Router HOST:PORT (default: $MESH_ROUTER or 127.0.0.1:50050)."
 
 
+DRAFT_HELP = ("Drafter for multi-token rounds: none (one token per round trip), ngram (prompt lookup, free) or "
+              "model:NAME (a small catalog model run in the router, e.g. model:smollm2-135m); the experts verify "
+              "every drafted token in one round trip and the output is unchanged.")
+
+
 def _router(address: str | None) -> str:
     from mesh_llm.router.client import DEFAULT_ROUTER
 
@@ -34,6 +39,8 @@ def serve(
     mix: str = typer.Option("linear", help="Default aggregation: linear or geometric."),
     top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
     deadline_s: float = typer.Option(10.0, help="Longest wait for one token's expert replies."),
+    draft: str = typer.Option("none", help="Default " + DRAFT_HELP[0].lower() + DRAFT_HELP[1:]),
+    draft_max: int = typer.Option(8, help="Most tokens drafted per round (the draft length adapts within 1..this)."),
     api_port: int = typer.Option(None, help="Serve the OpenAI-compatible HTTP API (/v1, /metrics) on this port, "
                                  "e.g. 9337 (0 picks a free one; default: off, or 9337 with --console)."),
     api_host: str = typer.Option("127.0.0.1", help="Interface the HTTP API listens on (loopback by default)."),
@@ -52,7 +59,7 @@ def serve(
         from mesh_llm.api.server import DEFAULT_API_PORT
 
         settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
-                                step_deadline_s=deadline_s)
+                                step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max)
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
                                                   settings=settings))
         api = None
@@ -94,6 +101,9 @@ def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:
     console.print(f"mesh {halted} · phase {st.phase} · k={st.default_k} · policy {st.default_policy} · "
                   f"mix {st.default_mix} · {st.recent_tokens_per_second:.2f} tokens/s (last minute) · "
                   f"{st.active_generations} active generation(s)")
+    if st.tokens_per_round:
+        console.print(f"draft {st.default_draft} · {st.tokens_per_round:.2f} tokens per round trip · "
+                      f"{st.draft_acceptance:.0%} of drafted tokens accepted (recent generations)")
     table = Table("expert", "name", "model", "state", "RTT ms", "tokens/s", "failures", "weight", "served",
                   "device", "quant", "tokenizer")
     for e in st.experts:
@@ -116,6 +126,8 @@ def generate(
     max_tokens: int = typer.Option(128, help="Completion cap."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     extra: int = typer.Option(0, help="Over-select this many stragglers (ask K+extra, use the first K)."),
+    draft: str = typer.Option("", help=DRAFT_HELP + " Default: the router's."),
+    draft_max: int = typer.Option(0, help="Most tokens drafted per round, 1..16 (0: router default)."),
     raw: bool = typer.Option(False, help="Send the prompt as is, without the chat template."),
     router: str = typer.Option(None, help=ROUTER_HELP),
 ) -> None:
@@ -126,7 +138,8 @@ def generate(
 
     address = _router(router)
     fields = dict(prompt=prompt, k=k, policy=policy, mix=mix, top_k=top_k, temperature=temperature, top_p=top_p,
-                  sample_top_k=sample_top_k, max_tokens=max_tokens, stop=stop, extra=extra, chat=not raw)
+                  sample_top_k=sample_top_k, max_tokens=max_tokens, stop=stop, extra=extra, chat=not raw,
+                  draft=draft, draft_max=draft_max)
     if seed is not None:
         fields["seed"] = seed
     request = router_pb2.GenerateRequest(**fields)

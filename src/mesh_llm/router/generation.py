@@ -13,15 +13,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mesh_llm.errors import MeshError, StatusError
+from mesh_llm.models.catalog import UnknownModel
 from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
 from mesh_llm.router.constrain import BadSchema, SchemaConstraint
+from mesh_llm.router.drafting import (Draft, DraftMismatch, DraftModels, DraftSpec, ModelDrafter, NgramDrafter,
+                                      check_gamma, parse_draft)
 from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import Registry
 from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker
 from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
 from mesh_llm.router.settings import MeshSettings
+from mesh_llm.router.speculation import GammaController
 from mesh_llm.router.steps import CallResult, Halted, Target, call_expert, gather_replies
 from mesh_llm.router.tokenizers import TokenizerCache
 
@@ -48,6 +52,8 @@ class Plan:
     seed: int | None  # seeds selection and sampling
     stop: tuple[str, ...]  # stop strings
     trace: bool  # attach per-token traces
+    draft: DraftSpec  # drafter of multi-token rounds (kind none: one token per round)
+    draft_max: int  # most tokens drafted per round
 
 
 def plan_from_request(request: router_pb2.GenerateRequest, settings: MeshSettings) -> Plan:
@@ -60,6 +66,8 @@ def plan_from_request(request: router_pb2.GenerateRequest, settings: MeshSetting
         check_rules(rule, fill)
         sampling = SamplingConfig(temperature=request.temperature,
                                   top_p=request.top_p if 0 < request.top_p < 1 else 1.0, top_k=request.sample_top_k)
+        draft = parse_draft(request.draft or settings.default_draft)
+        draft_max = check_gamma(request.draft_max or settings.default_draft_max)
     except (UnknownPolicy, UnknownRule, ValueError) as exc:
         raise GenerationError("INVALID_ARGUMENT", str(exc)) from None
     top_k = request.top_k or settings.default_top_k
@@ -69,7 +77,7 @@ def plan_from_request(request: router_pb2.GenerateRequest, settings: MeshSetting
                 rule=rule, fill=fill, top_k=top_k, deadline_s=request.step_deadline_s or settings.step_deadline_s,
                 max_tokens=request.max_tokens or settings.default_max_tokens, sampling=sampling,
                 seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
-                trace=request.trace)
+                trace=request.trace, draft=draft, draft_max=draft_max)
 
 
 @dataclass(kw_only=True)
@@ -79,14 +87,19 @@ class _State:
     held: dict[str, int] = field(default_factory=dict)  # tokens each expert's session holds
     sent_text: str = ""  # text already streamed
     notes: list[str] = field(default_factory=list)  # degradations to report
+    rounds: int = 0  # round trips to the experts so far
+    drafted: int = 0  # tokens the drafter proposed
+    accepted: int = 0  # drafted tokens the mixture accepted
 
 
 class Generation:
     """One Generate call: validated at start(), then run() yields GenerateEvents until it finishes."""
 
     def __init__(self, *, request: router_pb2.GenerateRequest, registry: Registry, pool: ExpertPool,
-                 tokenizers: TokenizerCache, settings: MeshSettings, halt: asyncio.Event | None = None):
+                 tokenizers: TokenizerCache, settings: MeshSettings, halt: asyncio.Event | None = None,
+                 draft_models: DraftModels | None = None):
         self.request = request
+        self.draft_models = draft_models or DraftModels()
         self.registry = registry
         self.pool = pool
         self.tokenizers = tokenizers
@@ -166,6 +179,24 @@ class Generation:
         self.max_tokens = min(self.plan.max_tokens, room)
         if self.max_tokens < self.plan.max_tokens:
             self.notes.append(f"max_tokens clipped to {self.max_tokens} by the context limit")
+        self.drafter = await self._drafter()
+        self.gamma = GammaController(self.plan.draft_max) if self.drafter else None
+
+    async def _drafter(self) -> NgramDrafter | ModelDrafter | None:
+        spec = self.plan.draft
+        if spec.kind == "ngram":
+            return NgramDrafter()
+        if spec.kind != "model":
+            return None
+        try:
+            model = await self.draft_models.get(spec.model, self.fingerprint)
+        except UnknownModel as exc:
+            raise GenerationError("INVALID_ARGUMENT", f"draft model: {exc}") from None
+        except DraftMismatch as exc:
+            raise GenerationError("INVALID_ARGUMENT", str(exc)) from None
+        except MeshError as exc:
+            raise GenerationError("FAILED_PRECONDITION", f"draft model {spec.model!r} cannot be loaded: {exc}") from None
+        return ModelDrafter(model, self.plan.sampling, seed=self.plan.seed)
 
     def _tokenize(self, prompt: str, chat: bool) -> list[int]:
         if chat and getattr(self.tokenizer, "chat_template", None):
@@ -188,9 +219,9 @@ class Generation:
                 if self.halt is not None and self.halt.is_set():
                     reason = "halted"
                     break
-                token_began = time.perf_counter()
+                round_began = time.perf_counter()
                 try:
-                    event, reason = await self._next_token(state, checker)
+                    events, reason = await self._round(state, checker)
                 except Halted:
                     reason = "halted"
                     break
@@ -199,35 +230,62 @@ class Generation:
                     reason = "error"
                     break
                 now = time.perf_counter()
-                metrics.token_seconds.observe(now - token_began)
+                for _ in events:
+                    metrics.token_seconds.observe((now - round_began) / len(events))
                 if first_token_at is None:
                     first_token_at = now
                     metrics.first_token_seconds.observe(now - began)
-                yield router_pb2.GenerateEvent(token=event)
+                for event in events:
+                    yield router_pb2.GenerateEvent(token=event)
         finally:
             metrics.active.dec()
             metrics.generations.labels(reason or "cancelled").inc()
             metrics.completion_tokens.inc(len(state.completion))
+            metrics.rounds.inc(state.rounds)
             self._close_sessions(state)
         elapsed = time.perf_counter() - began
         yield router_pb2.GenerateEvent(done=router_pb2.GenerationDone(
             finish_reason=reason, prompt_tokens=len(self.prompt_ids), completion_tokens=len(state.completion),
             tokens_per_second=len(state.completion) / elapsed if elapsed > 0 else 0.0,
             time_to_first_token_s=(first_token_at - began) if first_token_at else 0.0,
-            text=checker.text, notes=state.notes))
+            text=checker.text, notes=state.notes, rounds=state.rounds, drafted_tokens=state.drafted,
+            accepted_tokens=state.accepted))
 
-    async def _next_token(self, state: _State, checker: StopChecker):
+    async def _draft(self, state: _State) -> Draft:
+        """The drafted continuation for this round (empty when not drafting or nothing to gain)."""
+        room = self.max_tokens - len(state.completion) - 1  # the round adds one token beyond its draft
+        if self.drafter is None or not state.held or room < 1:
+            return Draft(tokens=[], probs=[])  # the prompt's round only fills the experts' caches
+        gamma = min(self.gamma.next(), room)
+        if gamma < 1:
+            return Draft(tokens=[], probs=[])
+        try:
+            if isinstance(self.drafter, ModelDrafter):
+                return await asyncio.to_thread(self.drafter.propose, state.context, gamma)
+            return self.drafter.propose(state.context, gamma)
+        except Exception as exc:  # a broken drafter costs speed, never the generation
+            log.exception("drafter failed; going on without drafts")
+            state.notes.append(f"drafting turned off after an error in the drafter: {exc}")
+            self.drafter = None
+            return Draft(tokens=[], probs=[])
+
+    async def _round(self, state: _State, checker: StopChecker) -> tuple[list[router_pb2.TokenEvent], str | None]:
+        """One round trip: draft, ask the experts to verify every drafted position, accept a prefix plus one token."""
+        round_began = time.perf_counter()
+        draft = await self._draft(state)
         t0 = time.perf_counter()
         ranked = self._rank(state)
         select_s = time.perf_counter() - t0
         prefill = not state.held
         deadline = self.plan.deadline_s * (PREFILL_DEADLINE_FACTOR if prefill else 1.0)
+        sent = state.context + draft.tokens
+        positions = len(draft.tokens) + 1
 
         async def call(candidate: Candidate, timeout: float) -> CallResult:
             # targets (registry lookup, channel) are built only for the experts actually asked
-            return await call_expert(self._target(candidate), session_id=self.session_id, context=state.context,
+            return await call_expert(self._target(candidate), session_id=self.session_id, context=sent,
                                      held=state.held.get(candidate.expert_id, 0), top_k=self.plan.top_k,
-                                     timeout=timeout)
+                                     timeout=timeout, positions=positions)
 
         results = await gather_replies(ranked, k=self.plan.k, extra=self.plan.extra, deadline_s=deadline,
                                        halt=self.halt, call=call)
@@ -242,17 +300,58 @@ class Generation:
             if not any(n.startswith("mixed fewer") for n in state.notes):
                 state.notes.append(f"mixed fewer than k={self.plan.k} experts on some tokens (first: {note})")
         weights = [self._weight(r.expert_id) for r in used]
-        mixed = mix([r.dist for r in used], vocab_size=self.vocab_size, weights=weights, rule=self.plan.rule,
-                    fill=self.plan.fill)
-        if self.constraint is not None:
+        base = len(state.context)
+        events: list[router_pb2.TokenEvent] = []
+        reason = None
+        accepted = 0
+        for position in range(positions):
+            mixed = mix([r.at(position) for r in used], vocab_size=self.vocab_size, weights=weights,
+                        rule=self.plan.rule, fill=self.plan.fill)
             try:
-                choice = self.sampler.sample(self.constraint.restrict(mixed))
-                self.constraint.consume(choice.token_id)
+                dist = self.constraint.restrict(mixed) if self.constraint is not None else mixed
+                if position < len(draft.tokens):
+                    ok, choice = self.sampler.verify(dist, draft.tokens[position], draft.probs[position])
+                else:
+                    ok, choice = False, self.sampler.sample(dist)
+                if self.constraint is not None:
+                    self.constraint.consume(choice.token_id)
             except MeshError as exc:
                 raise GenerationError("INTERNAL", str(exc)) from None
-        else:
-            choice = self.sampler.sample(mixed)
-        router_ms = (select_s + time.perf_counter() - t1) * 1000
+            accepted += ok
+            event, reason = self._emit(state, checker, choice, used, drafted=ok)
+            event.trace.union_size = len(mixed.ids) if self.plan.trace else 0
+            events.append(event)
+            if reason is not None or not ok:
+                break
+        used_ids = {r.expert_id for r in used}
+        for r in results:
+            if r.ok:
+                state.held[r.expert_id] = base + accepted  # rejected draft positions are rolled back next round
+                self.registry.record_success(r.expert_id, max(r.latency_ms - r.compute_ms, 0.0),
+                                             tokens=len(events) if r.expert_id in used_ids else 0)
+        round_s = time.perf_counter() - round_began
+        if self.gamma is not None and not prefill:
+            self.gamma.observe(drafted=len(draft.tokens), accepted=accepted, round_s=round_s, draft_s=draft.seconds)
+        state.rounds += 1
+        state.drafted += len(draft.tokens)
+        state.accepted += accepted
+        self.metrics.draft_tokens.labels("accepted").inc(accepted)
+        self.metrics.draft_tokens.labels("rejected").inc(len(draft.tokens) - accepted)
+        if self.plan.trace:
+            events[0].trace.calls.extend(
+                router_pb2.ExpertCall(expert_id=r.expert_id, used=r.expert_id in used_ids, outcome=r.outcome,
+                                      latency_ms=r.latency_ms, reply_bytes=r.reply_bytes, compute_ms=r.compute_ms)
+                for r in results)
+            router_ms = (select_s + time.perf_counter() - t1) * 1000
+            for event in events:
+                event.trace.router_ms = router_ms / len(events)
+                event.trace.positions = positions
+                event.trace.draft_ms = draft.seconds * 1000
+        return events, reason
+
+    def _emit(self, state: _State, checker: StopChecker, choice, used: list[CallResult], *, drafted: bool
+              ) -> tuple[router_pb2.TokenEvent, str | None]:
+        """Append a chosen token, check for the end and build its event (text held back near a stop string)."""
         state.context.append(choice.token_id)
         state.completion.append(choice.token_id)
         text = self.tokenizer.decode(state.completion, skip_special_tokens=True)
@@ -264,14 +363,7 @@ class Generation:
         if shown.startswith(state.sent_text):
             delta, state.sent_text = shown[len(state.sent_text):], shown
         event = router_pb2.TokenEvent(token_id=choice.token_id, text=delta, logprob=choice.logprob,
-                                      expert_ids=[r.expert_id for r in used])
-        if self.plan.trace:
-            used_ids = {r.expert_id for r in used}
-            event.trace.CopyFrom(router_pb2.TokenTrace(
-                calls=[router_pb2.ExpertCall(expert_id=r.expert_id, used=r.expert_id in used_ids, outcome=r.outcome,
-                                             latency_ms=r.latency_ms, reply_bytes=r.reply_bytes,
-                                             compute_ms=r.compute_ms) for r in results],
-                union_size=len(mixed.ids), router_ms=router_ms))
+                                      expert_ids=[r.expert_id for r in used], round=state.rounds, drafted=drafted)
         return event, reason
 
     def _allowed(self, candidates: list[Candidate]) -> list[Candidate]:
@@ -291,17 +383,15 @@ class Generation:
         return self.registry.get(expert_id).weight
 
     def _account(self, results: list[CallResult], state: _State) -> list[CallResult]:
+        """The first K good replies, ordered by expert id; failures are recorded and their sessions forgotten."""
         used = []
         calls = self.metrics.expert_calls
         for r in results:
             calls.labels(outcome_kind(r.outcome)).inc()
             if r.ok:
                 self.metrics.expert_call_seconds.observe(r.latency_ms / 1000)
-                state.held[r.expert_id] = r.session_length
                 if len(used) < self.plan.k:
                     used.append(r)
-                network_ms = max(r.latency_ms - r.compute_ms, 0.0)  # RTT bounds speak of the network
-                self.registry.record_success(r.expert_id, network_ms, tokens=1 if r in used else 0)
             elif r.outcome != "late":
                 state.held.pop(r.expert_id, None)
                 self.registry.record_failure(r.expert_id, r.outcome)

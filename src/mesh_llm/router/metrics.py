@@ -38,6 +38,10 @@ class RouterMetrics:
                                "token, by gRPC status", ["code"], registry=r)
         self.prompt_tokens = Counter("mesh_router_prompt_tokens", "Prompt tokens of started generations", registry=r)
         self.completion_tokens = Counter("mesh_router_completion_tokens", "Tokens generated", registry=r)
+        self.rounds = Counter("mesh_router_rounds", "Round trips to the experts (tokens per round = "
+                              "completion_tokens / rounds)", registry=r)
+        self.draft_tokens = Counter("mesh_router_draft_tokens", "Drafted tokens, by whether the mixture accepted "
+                                    "them (accepted, rejected)", ["outcome"], registry=r)
         self.token_seconds = Histogram("mesh_router_token_seconds", "Wall time of one output token: select, "
                                        "ask K experts, mix, sample", buckets=STEP_BUCKETS, registry=r)
         self.first_token_seconds = Histogram("mesh_router_time_to_first_token_seconds", "Time from the start "

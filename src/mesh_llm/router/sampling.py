@@ -54,11 +54,43 @@ class Sampler:
         index = choose_index(dist.logprobs, self.config, self.rng)
         return Choice(token_id=int(dist.ids[index]), logprob=float(dist.logprobs[index]))
 
+    def verify(self, dist: SparseDist, draft_id: int, draft_probs: np.ndarray | None) -> tuple[bool, Choice]:
+        """Accept a drafted token or replace it, so the output follows this sampler's distribution over dist.
 
-def choose_index(logprobs: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
-    """Index into logprobs chosen by greedy, temperature, top-k and top-p sampling (in that order)."""
+        Greedy: accepted when the draft is the argmax, else the argmax. Sampling: accepted with
+        probability min(1, p/q), else a token drawn from the residual max(0, p - q) (speculative
+        sampling); draft_probs is the drafter's full-vocabulary distribution q, None for a
+        deterministic draft (q puts all its mass on draft_id).
+        """
+        if self.config.temperature == 0 or len(dist.logprobs) == 1:
+            choice = self.sample(dist)
+            return choice.token_id == draft_id, choice
+        pool, probs = sampling_probs(dist.logprobs, self.config)
+        probs = probs / probs.sum()
+        ids = dist.ids[pool]
+        hit = np.flatnonzero(ids == draft_id)
+        p = float(probs[hit[0]]) if len(hit) else 0.0
+        if draft_probs is None:
+            q_pool = (ids == draft_id).astype(np.float64)
+        else:
+            q_pool = np.asarray(draft_probs, dtype=np.float64)[ids]
+        q = 1.0 if draft_probs is None else float(draft_probs[draft_id])
+        if p > 0 and self.rng.random() * q < p:
+            index = pool[hit[0]]
+            return True, Choice(token_id=int(dist.ids[index]), logprob=float(dist.logprobs[index]))
+        residual = np.maximum(probs - q_pool, 0.0)
+        if residual.sum() <= 0:
+            residual = probs  # p <= q everywhere only when p == q: nothing to correct
+        cumulative = np.cumsum(residual)
+        pick = min(int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")), len(pool) - 1)
+        index = pool[pick]
+        return False, Choice(token_id=int(dist.ids[index]), logprob=float(dist.logprobs[index]))
+
+
+def sampling_probs(logprobs: np.ndarray, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into logprobs that sampling may pick and their unnormalised probabilities (after temperature, top-k, top-p)."""
     if config.temperature == 0 or len(logprobs) == 1:
-        return int(np.argmax(logprobs))
+        return np.array([int(np.argmax(logprobs))]), np.ones(1)
     scaled = logprobs / config.temperature
     n = len(scaled)
     limit = config.top_k if 0 < config.top_k < n else n
@@ -67,6 +99,14 @@ def choose_index(logprobs: np.ndarray, config: SamplingConfig, rng: np.random.Ge
     probs = np.exp(values - values.max())
     if 0 < config.top_p < 1:
         pool, probs = _nucleus(pool, values, probs, config.top_p)
+    return pool, probs
+
+
+def choose_index(logprobs: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
+    """Index into logprobs chosen by greedy, temperature, top-k and top-p sampling (in that order)."""
+    if config.temperature == 0 or len(logprobs) == 1:
+        return int(np.argmax(logprobs))
+    pool, probs = sampling_probs(logprobs, config)
     cumulative = np.cumsum(probs)
     pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     return int(pool[min(pick, len(pool) - 1)])

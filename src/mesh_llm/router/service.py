@@ -16,6 +16,7 @@ from mesh_llm.governance.core import Governance
 from mesh_llm.governance.errors import MeshHalted
 from mesh_llm.governance.killswitch import HaltSwitch
 from mesh_llm.pb import router_pb2, router_pb2_grpc
+from mesh_llm.router.drafting import DraftModels
 from mesh_llm.router.generation import Generation, GenerationError
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import ExpertSpec, Registry
@@ -57,8 +58,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.halt_grace_s = halt_grace_s  # a generation still running this long after a halt is cancelled
         self.pool = pool or ExpertPool()
         self.tokenizers = tokenizers or TokenizerCache()
+        self.draft_models = DraftModels()  # draft models loaded in this process, shared by generations
         self.active: set[asyncio.Task] = set()
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) of finished generations
+        self._rounds: deque[router_pb2.GenerationDone] = deque(maxlen=64)  # summaries of recent generations
 
     async def _check_secret(self, given: str, context) -> None:
         if not hmac.compare_digest(given.encode(), self.secret.encode()):
@@ -90,7 +93,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             experts=[r.to_proto() for r in self.registry.experts()], default_k=s.default_k,
             default_policy=s.default_policy, default_mix=s.default_mix, halted=switch.is_halted,
             halt_reason=switch.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
-            active_generations=len(self.active), phase=self.governance.phase().phase)
+            active_generations=len(self.active), phase=self.governance.phase().phase,
+            default_draft=s.default_draft, **self.recent_rounds())
+
+    def recent_rounds(self) -> dict[str, float]:
+        """Tokens per round trip and the share of drafted tokens accepted, over recent generations."""
+        done = list(self._rounds)
+        rounds = sum(d.rounds for d in done)
+        drafted = sum(d.drafted_tokens for d in done)
+        return {"tokens_per_round": sum(d.completion_tokens for d in done) / rounds if rounds else 0.0,
+                "draft_acceptance": sum(d.accepted_tokens for d in done) / drafted if drafted else 0.0}
 
     def recent_tokens_per_second(self, window_s: float = 60.0) -> float:
         """Tokens generated per second over the last window_s seconds."""
@@ -107,7 +119,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                 "a quorum of `mesh resume` votes lifts it")
         try:
             generation = Generation(request=request, registry=self.registry, pool=self.pool,
-                                    tokenizers=self.tokenizers, settings=self.settings, halt=self.halt)
+                                    tokenizers=self.tokenizers, settings=self.settings, halt=self.halt,
+                                    draft_models=self.draft_models)
             await generation.start()
         except GenerationError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
@@ -117,6 +130,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             async for event in self._halt_bounded(generation.run()):
                 tokens += event.HasField("token")
+                if event.HasField("done") and event.done.rounds:
+                    self._rounds.append(event.done)
                 yield event
         finally:
             self.active.discard(task)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mesh_llm.router.aggregation import check_rules
+from mesh_llm.router.drafting import check_gamma, parse_draft
 from mesh_llm.router.selection import get_policy
 
 
@@ -19,6 +20,8 @@ class MeshSettings:
     step_deadline_s: float = 10.0  # longest wait for one token's replies (prefill gets 3x)
     default_max_tokens: int = 128  # completion length when a request says 0
     latency_bound_ms: float = 80.0  # latency policy skips experts slower than this
+    default_draft: str = "none"  # drafter for multi-token rounds: none, ngram or model:NAME
+    default_draft_max: int = 8  # most tokens drafted per round when a request says 0
 
     def validate(self) -> None:
         """Raise ValueError on settings no generation could use."""
@@ -28,5 +31,7 @@ class MeshSettings:
         check_rules(self.default_mix, self.default_fill)
         if not 1 <= self.default_top_k <= 4096:
             raise ValueError(f"default_top_k must be in 1..4096, got {self.default_top_k}")
+        parse_draft(self.default_draft)
+        check_gamma(self.default_draft_max)
         if self.step_deadline_s <= 0:
             raise ValueError(f"step_deadline_s must be > 0, got {self.step_deadline_s}")

@@ -36,52 +36,66 @@ class CallResult:
     outcome: str  # ok, late, error:<grpc code>, rejected:<why>
     latency_ms: float  # time from sending to the reply (or to giving up)
     reply_bytes: int  # serialised size of the reply
-    dist: SparseDist | None  # the validated distribution when outcome is ok
+    dist: SparseDist | None  # the validated distribution after the last token sent, when outcome is ok
     session_length: int  # tokens the expert's session holds after the call (0 when unknown)
     reopened: bool = False  # the session had to be re-opened with the full context
     compute_ms: float = 0.0  # time the expert reported spending in its model
+    dists: tuple[SparseDist, ...] = ()  # with positions > 1: the distributions at the last `positions` tokens
 
     @property
     def ok(self) -> bool:
         """Whether the reply can go into the mix."""
         return self.dist is not None
 
+    def at(self, position: int) -> SparseDist:
+        """The distribution after the position-th of the last positions asked for (0-based)."""
+        return self.dists[position] if self.dists else self.dist
+
 
 async def call_expert(target: Target, *, session_id: str, context: Sequence[int], held: int, top_k: int,
-                      timeout: float) -> CallResult:
-    """Send an expert the tokens it has not seen and validate its top-k reply; never raises on expert faults."""
+                      timeout: float, positions: int = 1) -> CallResult:
+    """Send an expert the tokens it has not seen and validate its top-k reply(ies); never raises on expert faults.
+
+    With positions > 1 (draft verification) the distributions after each of the last `positions`
+    tokens of context come back, in order, as CallResult.dists.
+    """
     began = time.perf_counter()
     reopened = False
+    start = held
     try:
         try:
-            reply = await _step(target, session_id, context, held, top_k, timeout)
+            reply = await _step(target, session_id, context, start, top_k, timeout, all_positions=positions > 1)
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in _REOPEN or held == 0:
                 raise
-            reopened = True  # evicted or diverged: send the whole context again
+            reopened, start = True, 0  # evicted or diverged: send the whole context again
             remaining = timeout - (time.perf_counter() - began)
-            reply = await _step(target, session_id, context, 0, top_k, max(remaining, 0.01))
+            reply = await _step(target, session_id, context, 0, top_k, max(remaining, 0.01),
+                                all_positions=positions > 1)
     except grpc.aio.AioRpcError as exc:
         return CallResult(expert_id=target.expert_id, outcome=f"error:{exc.code().name}",
                           latency_ms=_ms(began), reply_bytes=0, dist=None, session_length=0, reopened=reopened)
     size = reply.ByteSize()
     try:
-        if len(reply.distributions) != 1:
-            raise MalformedDistribution(f"{len(reply.distributions)} distributions, expected 1")
+        expected = len(context) - start if positions > 1 else 1
+        if len(reply.distributions) != expected or expected < positions:
+            raise MalformedDistribution(f"{len(reply.distributions)} distributions, expected {expected}")
         if reply.session_length != len(context):
             raise MalformedDistribution(f"session holds {reply.session_length} tokens, expected {len(context)}")
-        dist = decode_topk(reply.distributions[0], reply.encoding, target.vocab_size)
+        dists = tuple(decode_topk(d, reply.encoding, target.vocab_size)
+                      for d in reply.distributions[len(reply.distributions) - positions:])
     except MalformedDistribution as exc:
         return CallResult(expert_id=target.expert_id, outcome=f"rejected:{exc}", latency_ms=_ms(began),
                           reply_bytes=size, dist=None, session_length=0, reopened=reopened)
     return CallResult(expert_id=target.expert_id, outcome="ok", latency_ms=_ms(began), reply_bytes=size,
-                      dist=dist, session_length=reply.session_length, reopened=reopened,
-                      compute_ms=reply.compute_ms)
+                      dist=dists[-1], session_length=reply.session_length, reopened=reopened,
+                      compute_ms=reply.compute_ms, dists=dists if positions > 1 else ())
 
 
-async def _step(target: Target, session_id: str, context: Sequence[int], start: int, top_k: int, timeout: float):
+async def _step(target: Target, session_id: str, context: Sequence[int], start: int, top_k: int, timeout: float,
+                all_positions: bool = False):
     request = expert_pb2.StepRequest(session_id=session_id, start_position=start, tokens=list(context[start:]),
-                                     top_k=top_k)
+                                     top_k=top_k, all_positions=all_positions)
     return await target.stub.Step(request, timeout=timeout)
 
 
