@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from mesh_llm.pb import expert_pb2
+from mesh_llm.pb import expert_pb2, router_pb2
 from tests.expert_helpers import decode_reply, reference_logprobs, running_expert
 
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 11, 12, 13, 14, 200]
@@ -72,3 +72,149 @@ async def test_a_reply_over_the_message_limit_is_refused_before_computing(tiny_l
         assert len(reply.distributions) == 100 and reply.ByteSize() < engine.reply_bytes(100, 4, 4, 99)
         reply = await step(stub, "t", 0, list(range(100)), k=vocab, score_ids=range(1, 100))
         assert len(reply.distributions) == 1 and len(reply.score_logprobs) == 99
+
+
+# ---- Score through the router ----
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded_b(tiny_model_dir_b):
+    """The seed-1 tiny model (same tokenizer, other weights), loaded like tiny_loaded."""
+    from mesh_llm.models.loading import LoadOptions, load
+
+    return load(LoadOptions(model=str(tiny_model_dir_b), device="cpu"))
+
+
+def mixture_reference(models, weights, tokens) -> np.ndarray:
+    """(positions, vocab) log of Σ w_i p_i from each model's full forward pass, in float64."""
+    rows = np.stack([reference_logprobs(m, tokens).astype(np.float64) for m in models])
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    return np.logaddexp.reduce(rows + np.log(w)[:, None, None], axis=0)
+
+
+async def test_score_of_a_k2_linear_mixture_equals_the_in_process_mixture(tiny_loaded, tiny_loaded_b, tmp_path):
+    from tests.mesh_helpers import local_mesh
+
+    vocab = tiny_loaded.vocab_size
+    async with local_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as mesh:
+        ids = [e.link.expert_id for e in mesh.experts]
+        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [0.3, 0.7], TOKENS)
+        reply = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, expert_ids=ids, weights=[0.3, 0.7],
+                                                              top_logprobs=5, top_k=vocab), timeout=60)
+        assert [t.token_id for t in reply.tokens] == TOKENS and not reply.tokens[0].HasField("logprob")
+        got = np.array([t.logprob for t in reply.tokens[1:]])
+        np.testing.assert_allclose(got, ref[np.arange(len(TOKENS) - 1), TOKENS[1:]], atol=1e-5, rtol=0)
+        for j, token in enumerate(reply.tokens[1:]):  # every expert listed everything: alternatives are exact
+            best = np.argsort(-ref[j], kind="stable")[:5]
+            assert [a.token_id for a in token.alternatives] == best.tolist()
+            assert all(a.exact for a in token.alternatives)
+            np.testing.assert_allclose([a.logprob for a in token.alternatives], ref[j, best], atol=1e-5)
+        by_id = {e.expert_id: e for e in reply.experts}
+        assert sorted(by_id) == sorted(ids)
+        assert by_id[ids[0]].weight == pytest.approx(0.3) and by_id[ids[1]].weight == pytest.approx(0.7)
+        own = reference_logprobs(tiny_loaded_b, TOKENS)[np.arange(len(TOKENS) - 1), TOKENS[1:]]
+        np.testing.assert_allclose(by_id[ids[1]].logprobs, own, atol=1e-5)
+
+        # with a small top-k, alternatives not listed by both experts are marked inexact and are lower bounds
+        small = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, expert_ids=ids, weights=[0.3, 0.7],
+                                                              top_logprobs=4, top_k=4), timeout=60)
+        np.testing.assert_allclose([t.logprob for t in small.tokens[1:]], got, atol=1e-6)
+        for j, token in enumerate(small.tokens[1:]):
+            for a in token.alternatives:
+                true = ref[j, a.token_id]
+                assert a.logprob == pytest.approx(true, abs=1e-5) if a.exact else a.logprob <= true + 1e-6
+        # sessions are closed afterwards
+        assert all(len(e.service.engine.sessions) == 0 for e in mesh.experts)
+
+
+async def test_score_text_gives_token_strings_and_offsets_and_uses_registry_weights(tiny_loaded, tiny_loaded_b,
+                                                                                      tmp_path):
+    from tests.mesh_helpers import local_mesh
+
+    text = "The capital of France is Paris. Rivers flow to the sea."
+    async with local_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as mesh:
+        reply = await mesh.stub.Score(router_pb2.ScoreRequest(prompt=text, k=2, top_logprobs=2), timeout=60)
+        assert reply.text == text
+        ids = list(tiny_loaded.tokenizer(text).input_ids)
+        assert [t.token_id for t in reply.tokens] == ids
+        offsets = [t.text_offset for t in reply.tokens] + [len(text)]
+        assert "".join(text[a:b] for a, b in zip(offsets, offsets[1:])) == text
+        assert "".join(t.text for t in reply.tokens) == text
+        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], ids)  # registry weights are 1
+        np.testing.assert_allclose([t.logprob for t in reply.tokens[1:]], ref[np.arange(len(ids) - 1), ids[1:]],
+                                   atol=1e-5)
+        assert all(len(t.alternatives) == 2 for t in reply.tokens[1:])
+        # token ids come back with their decoded text and offsets too
+        by_ids = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=ids, k=2), timeout=60)
+        assert by_ids.text == text and [t.text_offset for t in by_ids.tokens] == offsets[:-1]
+        assert all(not t.alternatives for t in by_ids.tokens)
+
+
+async def test_score_tokens_in_chunks_survives_an_evicted_session(tiny_loaded, tiny_loaded_b, tmp_path):
+    from mesh_llm.router.scoring import score_tokens
+    from mesh_llm.router.steps import Target
+    from tests.mesh_helpers import local_mesh
+
+    class EvictingStub:
+        """Closes the session before the second chunk, as an expert under memory pressure would."""
+
+        def __init__(self, stub):
+            self.stub, self.calls = stub, 0
+
+        async def Step(self, request, timeout):
+            self.calls += 1
+            if request.start_position > 0 and self.calls == 2:
+                await self.stub.CloseSession(expert_pb2.CloseSessionRequest(session_id=request.session_id))
+            return await self.stub.Step(request, timeout=timeout)
+
+        async def CloseSession(self, request, timeout):
+            return await self.stub.CloseSession(request, timeout=timeout)
+
+    async with local_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as mesh:
+        pool = mesh.router.service.pool
+        targets = [Target(expert_id=e.link.expert_id, stub=pool.stub(e.address), vocab_size=tiny_loaded.vocab_size)
+                   for e in mesh.experts]
+        whole = await score_tokens(targets, [1, 3], TOKENS, top_logprobs=3)
+        evicting = EvictingStub(targets[0].stub)
+        targets[0] = Target(expert_id=targets[0].expert_id, stub=evicting, vocab_size=tiny_loaded.vocab_size)
+        chunked = await score_tokens(targets, [1, 3], TOKENS, top_logprobs=3, chunk_tokens=5)
+        assert evicting.calls == 5  # three chunks, the second one after re-opening the session with its prefix
+        np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
+        assert [[a.token_id for a in alts] for alts in chunked.alternatives] == \
+            [[a.token_id for a in alts] for alts in whole.alternatives]
+        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 3], TOKENS)
+        np.testing.assert_allclose(whole.logprobs, ref[np.arange(len(TOKENS) - 1), TOKENS[1:]], atol=1e-5)
+
+
+@pytest.mark.parametrize("fields, code, words", [
+    ({"prompt": "x", "token_ids": [1]}, grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
+    ({"token_ids": [1, 100_000]}, grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    ({"token_ids": [1, 2], "expert_ids": ["nope"]}, grpc.StatusCode.NOT_FOUND, "unknown expert"),
+    ({"token_ids": [1, 2], "k": 3}, grpc.StatusCode.INVALID_ARGUMENT, "k=3"),
+    ({"token_ids": [1, 2], "top_logprobs": 21}, grpc.StatusCode.INVALID_ARGUMENT, "0..20"),
+    ({"token_ids": list(range(300))}, grpc.StatusCode.INVALID_ARGUMENT, "context limit"),
+    ({"token_ids": [1, 2], "weights": [1.0, 2.0]}, grpc.StatusCode.INVALID_ARGUMENT, "one weight per expert_ids"),
+])
+async def test_score_refuses_bad_requests_with_what_to_send(tiny_loaded, tmp_path, fields, code, words):
+    from tests.mesh_helpers import local_mesh
+
+    async with local_mesh([tiny_loaded, tiny_loaded], tmp_path) as mesh:
+        if "weights" in fields:
+            fields["expert_ids"] = [e.link.expert_id for e in mesh.experts][:1]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await mesh.stub.Score(router_pb2.ScoreRequest(**fields), timeout=60)
+        assert err.value.code() == code and words in err.value.details()
+
+
+async def test_score_names_an_expert_that_fails_and_counts_its_failure(tiny_loaded, tmp_path):
+    from tests.mesh_helpers import local_mesh
+
+    async with local_mesh([tiny_loaded, tiny_loaded], tmp_path) as mesh:
+        ids = [e.link.expert_id for e in mesh.experts]
+        gone = mesh.experts.pop()
+        await gone.stop(0)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, expert_ids=ids), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and ids[1] in err.value.details()
+        assert mesh.router.registry.get(ids[1]).failures == 1
+        assert len(mesh.experts[0].service.engine.sessions) == 0  # the good expert's session was closed
