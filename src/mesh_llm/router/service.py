@@ -20,6 +20,7 @@ from mesh_llm.router.drafting import DraftModels
 from mesh_llm.router.generation import Generation, GenerationError
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import ExpertSpec, Registry
+from mesh_llm.router.scoring import ScoringError, score_request
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.tokenizers import TokenizerCache
 
@@ -136,6 +137,17 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             self.active.discard(task)
             self._recent.append((time.monotonic(), tokens))
+
+    async def Score(self, request, context):
+        if self.governance.switch.is_halted:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the mesh is halted ({self.governance.switch.reason}); "
+                                "a quorum of `mesh resume` votes lifts it")
+        try:
+            return await score_request(request, registry=self.registry, pool=self.pool, tokenizers=self.tokenizers,
+                                       settings=self.settings)
+        except ScoringError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
     async def _halt_bounded(self, events: AsyncIterator[router_pb2.GenerateEvent]
                             ) -> AsyncIterator[router_pb2.GenerateEvent]:
