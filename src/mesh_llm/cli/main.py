@@ -20,12 +20,13 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 
 def _register_groups() -> None:
-    from mesh_llm.cli import agent_cmd, governance_cmd, models_cmd, router_cmd
+    from mesh_llm.cli import agent_cmd, finetune_cmd, governance_cmd, models_cmd, router_cmd
 
     router_cmd.register(app)
     models_cmd.register(app)
     governance_cmd.register(app)
     agent_cmd.register(app)
+    finetune_cmd.register(app)
 
 
 _register_groups()

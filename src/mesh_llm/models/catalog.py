@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,3 +162,32 @@ def resolve(name_or_path: str) -> CatalogEntry:
         f"model {name_or_path!r} is not in the catalog and is not an existing path. "
         f"Known models: {known}. See `mesh models list`, or add it to {user_catalog_path()}."
     )
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a bare TOML key: no dots, no quotes
+
+
+def register_local(name: str, path: Path, *, description: str, approx_params: str) -> CatalogEntry:
+    """Add (or replace) the [models.NAME] table of MESH_HOME/catalog.toml, pointing at a local checkpoint."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise MeshError(f"model name {name!r} may hold only letters, digits, '_' and '-'")
+    catalog = user_catalog_path()
+    old = catalog.read_text() if catalog.exists() else ""
+    header = re.compile(rf"^\[models\.(?:{re.escape(name)}|\"{re.escape(name)}\")\]\s*$")
+    kept, skipping = [], False
+    for line in old.splitlines():
+        if line.lstrip().startswith("["):
+            skipping = bool(header.match(line.strip()))
+        if not skipping:
+            kept.append(line)
+    table = (f"[models.{name}]\npath = {json.dumps(str(path))}\ndescription = {json.dumps(description)}\n"
+             f"approx_params = {json.dumps(approx_params)}\n")
+    text = "\n".join(kept).rstrip()
+    partial = catalog.with_suffix(".toml.partial")
+    partial.write_text((text + "\n\n" if text else "") + table)
+    partial.replace(catalog)
+    try:
+        return next(e for e in _load_user_entries() if e.name == name)
+    except MeshError:
+        catalog.write_text(old)
+        raise
