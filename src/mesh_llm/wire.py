@@ -22,6 +22,18 @@ class SparseDist:
     logprobs: np.ndarray  # float64 log-probabilities of those ids, each <= 0
     rest_logmass: float  # log of the mass outside ids; -inf when the ids cover everything
 
+    def spread_logprob(self, vocab_size: int) -> float:
+        """Log-probability of each unlisted id when the rest mass is spread evenly over them."""
+        unlisted = vocab_size - len(self.ids)
+        return self.rest_logmass - math.log(unlisted) if unlisted > 0 else -math.inf
+
+    def logprob_of(self, token_id: int, vocab_size: int) -> float:
+        """Log-probability of one id: its listed value, else its share of the spread rest mass."""
+        where = int(np.searchsorted(self.ids, token_id))
+        if where < len(self.ids) and self.ids[where] == token_id:
+            return float(self.logprobs[where])
+        return self.spread_logprob(vocab_size)
+
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, rest_logmass: float, encoding: int) -> expert_pb2.TopK:
     """Build a TopK message from ids and their logprobs, in any order."""

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 
 from mesh_llm.agent.family import Families
 from mesh_llm.errors import MeshError
@@ -99,7 +98,7 @@ class Sandbox:
         for pos in range(len(ids) - 1):
             mixed = mix([replies.dists[e][pos] for e in experts], vocab_size=replies.vocab_size, weights=w,
                         rule=rule or "linear")
-            total -= _logprob(mixed, ids[pos + 1], replies.vocab_size)
+            total -= mixed.logprob_of(ids[pos + 1], replies.vocab_size)
         return total / (len(ids) - 1)
 
     async def simulate(self, proposal: dict, status: router_pb2.RouterStatus,
@@ -128,11 +127,3 @@ class Sandbox:
                   f"{current[target]:g} -> {proposed[target]:g} (tolerance {self.tolerance:g}): "
                   f"{'pass' if passed else 'fail'}")
         return SandboxResult(passed=passed, metric="probe_nll", current=before, proposed=after, detail=detail)
-
-
-def _logprob(dist: SparseDist, token: int, vocab_size: int) -> float:
-    where = int(np.searchsorted(dist.ids, token))
-    if where < len(dist.ids) and dist.ids[where] == token:
-        return float(dist.logprobs[where])
-    unlisted = vocab_size - len(dist.ids)
-    return dist.rest_logmass - math.log(unlisted) if unlisted > 0 else -math.inf

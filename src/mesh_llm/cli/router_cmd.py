@@ -35,12 +35,16 @@ def serve(
     db: str = typer.Option(None, help="SQLAlchemy URL of the store (default: SQLite file under MESH_HOME)."),
     advertise: str = typer.Option(None, help="HOST:PORT put in the invite token (default: the address bound)."),
     k: int = typer.Option(2, help="Default experts mixed per token."),
-    policy: str = typer.Option("random", help="Default selection policy: random, capacity or latency."),
+    policy: str = typer.Option("random", help="Default selection policy: random, capacity, latency, posterior "
+                               "(experts that best explain the recent context) or posterior-prompt (the prompt only)."),
     mix: str = typer.Option("linear", help="Default aggregation: linear or geometric."),
     top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
     deadline_s: float = typer.Option(10.0, help="Longest wait for one token's expert replies."),
     draft: str = typer.Option("none", help="Default " + DRAFT_HELP[0].lower() + DRAFT_HELP[1:]),
     draft_max: int = typer.Option(8, help="Most tokens drafted per round (the draft length adapts within 1..this)."),
+    posterior_temperature: float = typer.Option(0.1, help="Policy posterior: nats/token of context likelihood "
+                                                "per e-fold of an expert's weight (lower = sharper routing)."),
+    posterior_floor: float = typer.Option(0.05, help="Policy posterior: least mixing weight of a selected expert."),
     api_port: int = typer.Option(None, help="Serve the OpenAI-compatible HTTP API (/v1, /metrics) on this port, "
                                  "e.g. 9337 (0 picks a free one; default: off, or 9337 with --console)."),
     api_host: str = typer.Option("127.0.0.1", help="Interface the HTTP API listens on (loopback by default)."),
@@ -59,7 +63,8 @@ def serve(
         from mesh_llm.api.server import DEFAULT_API_PORT
 
         settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
-                                step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max)
+                                step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max,
+                                posterior_temperature=posterior_temperature, posterior_floor=posterior_floor)
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
                                                   settings=settings))
         api = None
@@ -116,7 +121,7 @@ def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="The prompt (sent through the chat template unless --raw)."),
     k: int = typer.Option(0, help="Experts mixed per token (0: router default)."),
-    policy: str = typer.Option("", help="random, capacity or latency (default: router's)."),
+    policy: str = typer.Option("", help="random, capacity, latency, posterior or posterior-prompt (default: router's)."),
     mix: str = typer.Option("", help="linear or geometric (default: router's)."),
     top_k: int = typer.Option(0, "--top-k", help="Entries asked of each expert (0: router default)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),

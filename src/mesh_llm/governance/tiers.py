@@ -91,7 +91,7 @@ def classify(spec: ActionSpec | None, proposal: ProposalIn) -> tuple[Tier, str]:
     return spec.tier, "within declared bounds"
 
 
-_ROUTER_POLICIES = ("random", "capacity", "latency", "learned")
+_ROUTER_POLICIES = ("random", "capacity", "latency", "learned", "posterior", "posterior-prompt")
 
 BUILTIN_SPECS: dict[str, ActionSpec] = {
     spec.kind: spec

@@ -220,8 +220,6 @@ def full_vocab_mix(logprobs: np.ndarray, weights: Sequence[float] | np.ndarray |
 
 def densify(dist: SparseDist, vocab_size: int) -> np.ndarray:
     """Full-vocabulary log-probabilities of a SparseDist, its rest mass spread over unlisted ids."""
-    unlisted = vocab_size - len(dist.ids)
-    value = dist.rest_logmass - math.log(unlisted) if unlisted > 0 else -math.inf
-    dense = np.full(vocab_size, value)
+    dense = np.full(vocab_size, dist.spread_logprob(vocab_size))
     dense[dist.ids] = dist.logprobs
     return dense

@@ -66,8 +66,7 @@ class SchemaConstraint:
         allowed = self.allowed_ids()
         if len(allowed) == 0:
             raise MeshError(f"the grammar allows no token here ({self.matcher.get_error() or 'dead end'})")
-        unlisted = self.vocab_size - len(dist.ids)
-        spread = dist.rest_logmass - math.log(unlisted) if unlisted > 0 else -math.inf
+        spread = dist.spread_logprob(self.vocab_size)
         where = np.searchsorted(dist.ids, allowed)
         where = np.minimum(where, len(dist.ids) - 1)
         listed = dist.ids[where] == allowed

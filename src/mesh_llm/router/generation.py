@@ -21,6 +21,7 @@ from mesh_llm.router.drafting import (Draft, DraftMismatch, DraftModels, DraftSp
                                       check_gamma, parse_draft)
 from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.pool import ExpertPool
+from mesh_llm.router.posterior import POSTERIOR_POLICIES, PosteriorTracker, mixing_weights
 from mesh_llm.router.registry import Registry
 from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker
 from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
@@ -110,6 +111,8 @@ class Generation:
                                                        if self.plan.policy == "latency" else {}))
         self.rng = np.random.default_rng(self.plan.seed)
         self.sampler = Sampler(self.plan.sampling, seed=self.plan.seed)
+        self.tracker = (PosteriorTracker(settings.posterior_config(prompt_only=self.plan.policy == "posterior-prompt"))
+                        if self.plan.policy in POSTERIOR_POLICIES else None)
         self.metrics = router_metrics(registry)
 
     async def start(self) -> None:
@@ -195,7 +198,8 @@ class Generation:
         except DraftMismatch as exc:
             raise GenerationError("INVALID_ARGUMENT", str(exc)) from None
         except MeshError as exc:
-            raise GenerationError("FAILED_PRECONDITION", f"draft model {spec.model!r} cannot be loaded: {exc}") from None
+            raise GenerationError("FAILED_PRECONDITION",
+                                  f"draft model {spec.model!r} cannot be loaded: {exc}") from None
         return ModelDrafter(model, self.plan.sampling, seed=self.plan.seed)
 
     def _tokenize(self, prompt: str, chat: bool) -> list[int]:
@@ -280,17 +284,29 @@ class Generation:
         deadline = self.plan.deadline_s * (PREFILL_DEADLINE_FACTOR if prefill else 1.0)
         sent = state.context + draft.tokens
         positions = len(draft.tokens) + 1
+        tracker = self.tracker
+        # posterior routing asks every candidate on the prompt and now and then after, so all get scored
+        ask_all = tracker is not None and (prefill or (not tracker.frozen and
+                                                       state.rounds % tracker.config.refresh_every == 0))
+        score_upto = len(state.context) if tracker is not None and not tracker.frozen else 0
 
         async def call(candidate: Candidate, timeout: float) -> CallResult:
             # targets (registry lookup, channel) are built only for the experts actually asked
             return await call_expert(self._target(candidate), session_id=self.session_id, context=sent,
                                      held=state.held.get(candidate.expert_id, 0), top_k=self.plan.top_k,
-                                     timeout=timeout, positions=positions)
+                                     timeout=timeout, positions=positions, score_upto=score_upto)
 
-        results = await gather_replies(ranked, k=self.plan.k, extra=self.plan.extra, deadline_s=deadline,
+        results = await gather_replies(ranked, k=len(ranked) if ask_all else self.plan.k,
+                                       extra=0 if ask_all else self.plan.extra, deadline_s=deadline,
                                        halt=self.halt, call=call)
         t1 = time.perf_counter()
-        used = self._account(results, state)
+        answered = self._account(results, state)
+        if tracker is not None:
+            for r in answered:
+                tracker.record(r.expert_id, r.score_from, r.scores)
+            if prefill:
+                tracker.freeze_if_prompt_only()
+        used, weights = self._choose(answered)
         if not used:
             outcomes = ", ".join(f"{r.expert_id}: {r.outcome}" for r in results) or "no expert could be asked"
             raise GenerationError("UNAVAILABLE", f"no expert answered token {len(state.completion)} in time "
@@ -299,7 +315,6 @@ class Generation:
             note = f"token {len(state.completion)}: mixed {len(used)} of k={self.plan.k} experts"
             if not any(n.startswith("mixed fewer") for n in state.notes):
                 state.notes.append(f"mixed fewer than k={self.plan.k} experts on some tokens (first: {note})")
-        weights = [self._weight(r.expert_id) for r in used]
         base = len(state.context)
         events: list[router_pb2.TokenEvent] = []
         reason = None
@@ -323,6 +338,11 @@ class Generation:
             events.append(event)
             if reason is not None or not ok:
                 break
+        if tracker is not None:
+            emitted = [e.token_id for e in events]
+            for r in answered:
+                tracker.record(r.expert_id, base,
+                               [r.at(j).logprob_of(t, self.vocab_size) for j, t in enumerate(emitted)])
         used_ids = {r.expert_id for r in used}
         for r in results:
             if r.ok:
@@ -372,7 +392,8 @@ class Generation:
     def _rank(self, state: _State) -> list[Candidate]:
         family = [c for c in self._allowed(self.registry.candidates())
                   if c.tokenizer_fingerprint == self.fingerprint]
-        context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]))
+        context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]),
+                              posterior=self.tracker.posterior() if self.tracker is not None else None)
         return self.policy.select(family, len(family), self.rng, context)
 
     def _target(self, candidate: Candidate) -> Target:
@@ -383,19 +404,29 @@ class Generation:
         return self.registry.get(expert_id).weight
 
     def _account(self, results: list[CallResult], state: _State) -> list[CallResult]:
-        """The first K good replies, ordered by expert id; failures are recorded and their sessions forgotten."""
-        used = []
+        """The good replies in arrival order; failures are recorded and their sessions forgotten."""
+        answered = []
         calls = self.metrics.expert_calls
         for r in results:
             calls.labels(outcome_kind(r.outcome)).inc()
             if r.ok:
                 self.metrics.expert_call_seconds.observe(r.latency_ms / 1000)
-                if len(used) < self.plan.k:
-                    used.append(r)
+                answered.append(r)
             elif r.outcome != "late":
                 state.held.pop(r.expert_id, None)
                 self.registry.record_failure(r.expert_id, r.outcome)
-        return sorted(used, key=lambda r: r.expert_id)  # arrival order must not change the mix
+        return answered
+
+    def _choose(self, answered: list[CallResult]) -> tuple[list[CallResult], list[float]]:
+        """The replies to mix (first K to arrive, or the K most probable under the posterior) and their weights."""
+        if self.tracker is None:
+            used = sorted(answered[: self.plan.k], key=lambda r: r.expert_id)  # arrival order must not change the mix
+            return used, [self._weight(r.expert_id) for r in used]
+        post = self.tracker.posterior()
+        ranked = sorted(answered, key=lambda r: (-post.get(r.expert_id, 0.0), r.expert_id))
+        used = sorted(ranked[: self.plan.k], key=lambda r: r.expert_id)
+        shares = mixing_weights(post, [r.expert_id for r in used], self.tracker.config.floor)
+        return used, [share * self._weight(r.expert_id) for share, r in zip(shares, used)]
 
     def _close_sessions(self, state: _State) -> None:
         for expert_id in list(state.held):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -36,6 +36,7 @@ class GateContext:
     position: int  # index of the token being generated within the completion
     recent_tokens: tuple[int, ...] = ()  # last token ids of the context, oldest first
     features: np.ndarray | None = None  # optional context embedding for a learned gate
+    posterior: Mapping[str, float] | None = None  # P(expert | recent context) for posterior routing
 
 
 class UnknownPolicy(MeshError, ValueError):
@@ -126,10 +127,25 @@ class GatedPolicy:
         return [pool[i] for i in order[:n]]
 
 
+@dataclass(frozen=True, kw_only=True)
+class PosteriorPolicy:
+    name: str = "posterior"  # registry name (also registered as posterior-prompt)
+
+    def select(self, candidates, n, rng, context=None) -> list[Candidate]:
+        """Experts not yet scored first (so they get scored), then by posterior given the context; ties at random."""
+        pool = eligible(candidates)
+        post = (context.posterior if context is not None else None) or {}
+        score = np.array([post.get(c.expert_id, math.inf) for c in pool], dtype=np.float64)
+        order = np.lexsort((rng.random(len(pool)), -score))
+        return [pool[i] for i in order[:n]]
+
+
 _POLICIES: dict[str, Callable[..., SelectionPolicy]] = {
     "random": RandomPolicy,
     "capacity": CapacityPolicy,
     "latency": LatencyPolicy,
+    "posterior": PosteriorPolicy,
+    "posterior-prompt": lambda: PosteriorPolicy(name="posterior-prompt"),
 }
 
 

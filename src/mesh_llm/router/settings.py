@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from mesh_llm.router.aggregation import check_rules
 from mesh_llm.router.drafting import check_gamma, parse_draft
+from mesh_llm.router.posterior import PosteriorConfig
 from mesh_llm.router.selection import get_policy
 
 
@@ -22,6 +23,14 @@ class MeshSettings:
     latency_bound_ms: float = 80.0  # latency policy skips experts slower than this
     default_draft: str = "none"  # drafter for multi-token rounds: none, ngram or model:NAME
     default_draft_max: int = 8  # most tokens drafted per round when a request says 0
+    posterior_temperature: float = 0.1  # posterior routing: nats/token of likelihood per e-fold of weight
+    posterior_floor: float = 0.05  # posterior routing: least mixing weight of a selected expert
+    posterior_window: int = 64  # posterior routing: recent scored tokens that count
+
+    def posterior_config(self, prompt_only: bool = False) -> PosteriorConfig:
+        """Posterior-routing settings as a config (ValueError when out of range)."""
+        return PosteriorConfig(temperature=self.posterior_temperature, floor=self.posterior_floor,
+                               window=self.posterior_window, prompt_only=prompt_only)
 
     def validate(self) -> None:
         """Raise ValueError on settings no generation could use."""
@@ -31,6 +40,7 @@ class MeshSettings:
         check_rules(self.default_mix, self.default_fill)
         if not 1 <= self.default_top_k <= 4096:
             raise ValueError(f"default_top_k must be in 1..4096, got {self.default_top_k}")
+        self.posterior_config()
         parse_draft(self.default_draft)
         check_gamma(self.default_draft_max)
         if self.step_deadline_s <= 0:

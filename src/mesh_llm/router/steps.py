@@ -41,6 +41,8 @@ class CallResult:
     reopened: bool = False  # the session had to be re-opened with the full context
     compute_ms: float = 0.0  # time the expert reported spending in its model
     dists: tuple[SparseDist, ...] = ()  # with positions > 1: the distributions at the last `positions` tokens
+    scores: tuple[float, ...] = ()  # exact log-probabilities of context tokens score_from, score_from + 1, ...
+    score_from: int = 0  # context position of the first entry of scores
 
     @property
     def ok(self) -> bool:
@@ -53,25 +55,27 @@ class CallResult:
 
 
 async def call_expert(target: Target, *, session_id: str, context: Sequence[int], held: int, top_k: int,
-                      timeout: float, positions: int = 1) -> CallResult:
+                      timeout: float, positions: int = 1, score_upto: int = 0) -> CallResult:
     """Send an expert the tokens it has not seen and validate its top-k reply(ies); never raises on expert faults.
 
     With positions > 1 (draft verification) the distributions after each of the last `positions`
-    tokens of context come back, in order, as CallResult.dists.
+    tokens of context come back, in order, as CallResult.dists. With score_upto, the exact log-probabilities
+    of the context tokens the expert appends (after the first) up to position score_upto come back as scores.
     """
     began = time.perf_counter()
     reopened = False
     start = held
     try:
         try:
-            reply = await _step(target, session_id, context, start, top_k, timeout, all_positions=positions > 1)
+            reply = await _step(target, session_id, context, start, top_k, timeout, all_positions=positions > 1,
+                                score_upto=score_upto)
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in _REOPEN or held == 0:
                 raise
             reopened, start = True, 0  # evicted or diverged: send the whole context again
             remaining = timeout - (time.perf_counter() - began)
             reply = await _step(target, session_id, context, 0, top_k, max(remaining, 0.01),
-                                all_positions=positions > 1)
+                                all_positions=positions > 1, score_upto=score_upto)
     except grpc.aio.AioRpcError as exc:
         return CallResult(expert_id=target.expert_id, outcome=f"error:{exc.code().name}",
                           latency_ms=_ms(began), reply_bytes=0, dist=None, session_length=0, reopened=reopened)
@@ -84,18 +88,29 @@ async def call_expert(target: Target, *, session_id: str, context: Sequence[int]
             raise MalformedDistribution(f"session holds {reply.session_length} tokens, expected {len(context)}")
         dists = tuple(decode_topk(d, reply.encoding, target.vocab_size)
                       for d in reply.distributions[len(reply.distributions) - positions:])
+        scores = tuple(reply.score_logprobs)
+        if len(scores) != len(_score_ids(context, start, score_upto)) or not all(v <= 1e-4 for v in scores):
+            raise MalformedDistribution(f"{len(scores)} score log-probabilities, expected "
+                                        f"{len(_score_ids(context, start, score_upto))}, each <= 0")
     except MalformedDistribution as exc:
         return CallResult(expert_id=target.expert_id, outcome=f"rejected:{exc}", latency_ms=_ms(began),
                           reply_bytes=size, dist=None, session_length=0, reopened=reopened)
     return CallResult(expert_id=target.expert_id, outcome="ok", latency_ms=_ms(began), reply_bytes=size,
                       dist=dists[-1], session_length=reply.session_length, reopened=reopened,
-                      compute_ms=reply.compute_ms, dists=dists if positions > 1 else ())
+                      compute_ms=reply.compute_ms, dists=dists if positions > 1 else (), scores=scores,
+                      score_from=start + 1)
+
+
+def _score_ids(context: Sequence[int], start: int, score_upto: int) -> list[int]:
+    """Next tokens of the appended ones (score_ids[j] follows context[start + j]), within context[:score_upto]."""
+    return list(context[start + 1: score_upto])
 
 
 async def _step(target: Target, session_id: str, context: Sequence[int], start: int, top_k: int, timeout: float,
-                all_positions: bool = False):
+                all_positions: bool = False, score_upto: int = 0):
     request = expert_pb2.StepRequest(session_id=session_id, start_position=start, tokens=list(context[start:]),
-                                     top_k=top_k, all_positions=all_positions)
+                                     top_k=top_k, all_positions=all_positions,
+                                     score_ids=_score_ids(context, start, score_upto))
     return await target.stub.Step(request, timeout=timeout)
 
 
