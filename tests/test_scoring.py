@@ -218,3 +218,99 @@ async def test_score_names_an_expert_that_fails_and_counts_its_failure(tiny_load
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and ids[1] in err.value.details()
         assert mesh.router.registry.get(ids[1]).failures == 1
         assert len(mesh.experts[0].service.engine.sessions) == 0  # the good expert's session was closed
+
+
+# ---- /v1/completions echo + logprobs (lm-evaluation-harness's loglikelihood request) ----
+
+
+def lm_eval_parse(choice: dict, ctxlen: int) -> tuple[float, bool]:
+    """What lm-evaluation-harness's local-completions backend makes of a reply (its parse_logprobs)."""
+    logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+    tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+    return sum(logprobs), all(lp == max(top.values()) for lp, top in zip(logprobs, tops))
+
+
+async def test_completions_echo_logprobs_is_the_exact_score_in_the_shape_lm_eval_parses(tiny_loaded, tiny_loaded_b,
+                                                                                         tmp_path):
+    import httpx2
+
+    from tests.api_helpers import api_mesh, client
+
+    context = TOKENS[:8]
+    continuation = TOKENS[8:]
+    async with api_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as (mesh, api):
+        exact = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, k=2, top_logprobs=1), timeout=60)
+        expected = [t.logprob for t in exact.tokens[1:]]
+        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], TOKENS)
+        np.testing.assert_allclose(expected, ref[np.arange(len(TOKENS) - 1), TOKENS[1:]], atol=1e-5)
+        # the request lm-eval sends for a loglikelihood: token ids, echo, logprobs 1, max_tokens 1, temperature 0
+        payload = {"model": "mesh", "prompt": [context + continuation], "temperature": 0, "max_tokens": 1,
+                   "logprobs": 1, "seed": 1234, "echo": True}
+        async with httpx2.AsyncClient(base_url=api.origin, timeout=60) as http:
+            reply = await http.post("/v1/completions", json=payload)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(TOKENS) + 1  # the prompt, then the generated token lm-eval drops
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:len(TOKENS)] == expected  # the same float64 values as Score
+        total, greedy = lm_eval_parse(choice, len(context))
+        assert total == pytest.approx(sum(expected[len(context) - 1:]), abs=1e-9)
+        argmax = ref[np.arange(len(context) - 1, len(TOKENS) - 1)].argmax(axis=1)
+        assert greedy == bool(np.all(argmax == np.array(continuation)))
+        assert lp["text_offset"][:len(TOKENS)] == [t.text_offset for t in exact.tokens]
+        # a continuation the mixture itself would pick greedily is reported greedy
+        picked = list(context)
+        for _ in range(3):
+            picked.append(int(mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], picked)[-1].argmax()))
+        async with httpx2.AsyncClient(base_url=api.origin, timeout=60) as http:
+            greedy_reply = await http.post("/v1/completions", json={**payload, "prompt": [picked]})
+        assert lm_eval_parse(greedy_reply.json()["choices"][0], len(context))[1] is True
+        assert choice["text"].startswith(exact.text) and lp["tokens"][:len(TOKENS)] == [t.text for t in exact.tokens]
+
+        # max_tokens 0 through the real openai client: only the prompt, N alternatives plus the chosen token
+        c = client(api)
+        only = await c.completions.create(model="mesh", prompt=TOKENS, echo=True, logprobs=3, max_tokens=0,
+                                          extra_body={"k": 2})
+        assert only.choices[0].text == exact.text and only.choices[0].finish_reason == "length"
+        got = only.choices[0].logprobs
+        assert got.token_logprobs[0] is None and got.token_logprobs[1:] == expected
+        assert got.tokens == [t.text for t in exact.tokens] and got.text_offset == [t.text_offset for t in exact.tokens]
+        alternatives = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, k=2, top_logprobs=3),
+                                             timeout=60)
+        for top, token in zip(got.top_logprobs[1:], alternatives.tokens[1:], strict=True):
+            listed = [(a.text, a.logprob) for a in token.alternatives] + [(token.text, token.logprob)]
+            assert top == {text: value for text, value in reversed(listed)}  # the first of equal texts wins
+        assert only.usage.prompt_tokens == len(TOKENS) and only.usage.completion_tokens == 0
+
+        # a text prompt echoes as sent, offsets into it
+        text = "The capital of France is Paris."
+        plain = await c.completions.create(model="mesh", prompt=text, echo=True, logprobs=0, max_tokens=0)
+        offsets = plain.choices[0].logprobs.text_offset
+        assert plain.choices[0].text == text and offsets[0] == 0 and offsets == sorted(offsets)
+        assert all(len(top) == 1 for top in plain.choices[0].logprobs.top_logprobs[1:])
+        # without echo a token-id prompt generates like its text
+        ids = list(tiny_loaded.tokenizer(text).input_ids)
+        by_ids = await c.completions.create(model="mesh", prompt=ids, max_tokens=4, temperature=0, extra_body={"k": 2})
+        by_text = await c.completions.create(model="mesh", prompt=text, max_tokens=4, temperature=0,
+                                             extra_body={"k": 2})
+        assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": "Hi", "logprobs": 2}, "logprobs need echo=true"),
+    ({"prompt": "Hi", "echo": True, "logprobs": 2, "stream": True}, "stream=true"),
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens 0"),
+    ({"prompt": "Hi", "echo": True, "logprobs": 21}, "logprobs"),
+    ({"prompt": [[1, 2], [3]], "echo": True}, "one prompt per request"),
+    ({"prompt": [1, 100_000], "echo": True, "logprobs": 1, "max_tokens": 0}, "outside the vocabulary"),
+])
+async def test_completions_echo_refusals_say_what_to_send(tiny_loaded, tmp_path, body, words):
+    import httpx2
+
+    from tests.api_helpers import api_mesh
+
+    async with api_mesh([tiny_loaded], tmp_path) as (_, api):
+        async with httpx2.AsyncClient(base_url=api.origin, timeout=60) as http:
+            reply = await http.post("/v1/completions", json={"model": "mesh", **body})
+        assert reply.status_code == 400 and words in reply.json()["error"]["message"], reply.text

@@ -7,9 +7,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import grpc
+
 from mesh_llm.api.errors import ApiError, from_router
-from mesh_llm.api.schemas import ChatMessage, CommonRequest
-from mesh_llm.pb import router_pb2
+from mesh_llm.api.schemas import ChatMessage, CommonRequest, CompletionRequest
+from mesh_llm.grpc_util import channel
+from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.client import RouterUnavailable, stream_generate
 from mesh_llm.router.metrics import RouterMetrics
 from mesh_llm.router.selection import pick_family
@@ -198,3 +201,36 @@ def finish_error(ctx: ApiContext, done: router_pb2.GenerationDone) -> ApiError |
 def openai_finish(reason: str) -> str:
     """OpenAI's finish_reason for the router's (eos and stop strings are both "stop")."""
     return "length" if reason == "length" else "stop"
+
+
+def score_request(body: CompletionRequest, fingerprint: str) -> router_pb2.ScoreRequest:
+    """The router ScoreRequest that scores a completion body's prompt (text or token ids) exactly."""
+    ids = body.token_ids()
+    fields = dict(prompt="" if ids else body.prompt, token_ids=ids, k=body.k or 0, top_logprobs=body.logprobs or 0,
+                  top_k=body.top_k or 0, policy=body.policy or "", model_family=fingerprint)
+    if body.seed is not None:
+        fields["seed"] = body.seed
+    return router_pb2.ScoreRequest(**fields)
+
+
+async def score(ctx: ApiContext, request: router_pb2.ScoreRequest, timeout: float = 600) -> router_pb2.ScoreReply:
+    """Score on the router over loopback gRPC; refusals raise ApiError."""
+    async with channel(ctx.router_address) as ch:
+        try:
+            return await router_pb2_grpc.RouterStub(ch).Score(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            refused = RouterUnavailable(f"router refused: {exc.details()} ({exc.code().name})")
+            refused.__cause__ = exc
+            raise ctx.router_error(refused) from None
+
+
+async def prompt_text(ctx: ApiContext, body: CompletionRequest, fingerprint: str) -> str:
+    """A completion body's prompt as text (token ids decoded with the family's tokenizer)."""
+    ids = body.token_ids()
+    if not ids:
+        return body.prompt
+    tokenizer, _ = await family_tokenizer(ctx, fingerprint)
+    if any(i >= len(tokenizer) for i in ids):
+        raise ApiError(400, f"the prompt has token ids outside the vocabulary of {len(tokenizer)}; tokenize with "
+                       "the family's tokenizer", param="prompt")
+    return tokenizer.decode(ids, skip_special_tokens=False)

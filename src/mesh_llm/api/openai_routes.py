@@ -1,4 +1,12 @@
-"""/v1/models, /v1/chat/completions and /v1/completions in OpenAI's shapes, streaming (SSE) or not."""
+"""/v1/models, /v1/chat/completions and /v1/completions in OpenAI's shapes, streaming (SSE) or not.
+
+/v1/completions with echo=true returns the prompt first; with logprobs=N its tokens come with their
+exact log-probability under the linear mixture of the experts the router picks (Score: one Step per
+expert with score_ids, nothing filled from rest mass) and the mixture's top N alternatives, in the
+legacy shape lm-evaluation-harness parses (tokens, token_logprobs with null first, top_logprobs,
+text_offset). With max_tokens > 0 the generated tokens follow (a normal generation of the prompt
+text); their top_logprobs hold the chosen token only.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from mesh_llm.api.errors import ApiError
 from mesh_llm.api.mesh import (ApiContext, chat_prompt, finish_error, generate_request, json_schema_of, model_entries,
-                               open_generation, openai_finish, resolve_model)
+                               open_generation, openai_finish, prompt_text, resolve_model, score, score_request)
 from mesh_llm.api.schemas import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1")
@@ -97,25 +105,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    """A plain continuation of the prompt from the mesh, streamed or whole."""
+    """A plain continuation of the prompt from the mesh, streamed or whole; with echo, the prompt (scored) first."""
     ctx = context(request)
     fingerprint = resolve_model(ctx, body.model)
-    generate = generate_request(body, prompt=body.prompt, chat=False, fingerprint=fingerprint,
-                                max_tokens=body.max_tokens)
+    if body.echo:
+        return await _echo(ctx, body, fingerprint)
+    generate = generate_request(body, prompt=await prompt_text(ctx, body, fingerprint), chat=False,
+                                fingerprint=fingerprint, max_tokens=body.max_tokens)
     return await _answer(ctx, body, generate, _Shape(chat=False))
 
 
 async def _answer(ctx: ApiContext, body, generate, shape: _Shape):
-    events = await open_generation(ctx, generate)  # refusals become HTTP errors before any byte is sent
     if body.stream:
+        events = await open_generation(ctx, generate)  # refusals become HTTP errors before any byte is sent
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(ctx, events, shape, body.model, include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
+    _, done, experts = await _collect(ctx, generate)
+    return {"id": shape.new_id(), "object": shape.object, "created": int(time.time()), "model": body.model,
+            "system_fingerprint": None, "choices": [shape.choice(done.text, openai_finish(done.finish_reason))],
+            "usage": _usage(done), "mesh": _summary(done, experts)}
+
+
+async def _collect(ctx: ApiContext, generate) -> tuple[list, object, Counter]:
+    """Run a generation to its end: (token events, summary, tokens per expert); ApiError if it failed."""
+    events = await open_generation(ctx, generate)
+    tokens: list = []
     experts: Counter = Counter()
     done = None
     try:
         async for event in events:
             if event.HasField("token"):
+                tokens.append(event.token)
                 experts.update(event.token.expert_ids)
             else:
                 done = event.done
@@ -126,9 +147,53 @@ async def _answer(ctx: ApiContext, body, generate, shape: _Shape):
     error = finish_error(ctx, done)
     if error is not None:
         raise error
-    return {"id": shape.new_id(), "object": shape.object, "created": int(time.time()), "model": body.model,
-            "system_fingerprint": None, "choices": [shape.choice(done.text, openai_finish(done.finish_reason))],
-            "usage": _usage(done), "mesh": _summary(done, experts)}
+    return tokens, done, experts
+
+
+async def _echo(ctx: ApiContext, body: CompletionRequest, fingerprint: str) -> dict:
+    """The prompt scored exactly through the mesh (Score), then any generated tokens, as one text_completion."""
+    scored = await score(ctx, score_request(body, fingerprint))
+    generated, done, experts = [], None, Counter()
+    if body.max_tokens != 0:
+        generate = generate_request(body, prompt=scored.text, chat=False, fingerprint=scored.model_family,
+                                    max_tokens=body.max_tokens)
+        generated, done, experts = await _collect(ctx, generate)
+    finish = openai_finish(done.finish_reason) if done else "length"
+    choice = {"index": 0, "text": scored.text + (done.text if done else ""), "finish_reason": finish,
+              "logprobs": None if body.logprobs is None else _echo_logprobs(scored, generated)}
+    completion_tokens = done.completion_tokens if done else 0
+    mesh = {"scored_by": [e.expert_id for e in scored.experts], "weights": [e.weight for e in scored.experts],
+            "score_seconds": round(scored.seconds, 4), **(_summary(done, experts) if done else {})}
+    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+            "model": body.model, "system_fingerprint": None, "choices": [choice],
+            "usage": {"prompt_tokens": len(scored.tokens), "completion_tokens": completion_tokens,
+                      "total_tokens": len(scored.tokens) + completion_tokens}, "mesh": mesh}
+
+
+def _echo_logprobs(scored, generated: list) -> dict:
+    """OpenAI's legacy logprobs object: the scored prompt tokens (first without a value), then generated ones."""
+    tokens, values, tops, offsets = [], [], [], []
+    for t in scored.tokens:
+        tokens.append(t.text)
+        offsets.append(t.text_offset)
+        if not t.HasField("logprob"):
+            values.append(None)
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for a in t.alternatives:
+            top.setdefault(a.text, a.logprob)
+        top.setdefault(t.text, t.logprob)  # the chosen token is always listed, as OpenAI does
+        values.append(t.logprob)
+        tops.append(top)
+    at = len(scored.text)
+    for g in generated:
+        tokens.append(g.text)
+        offsets.append(at)
+        at += len(g.text)
+        values.append(g.logprob)
+        tops.append({g.text: g.logprob})
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _event(data: dict) -> str:

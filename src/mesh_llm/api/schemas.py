@@ -127,27 +127,42 @@ class ChatCompletionRequest(CommonRequest):
 
 
 class CompletionRequest(CommonRequest):
-    """Body of POST /v1/completions."""
+    """Body of POST /v1/completions; echo + logprobs scores the prompt exactly (lm-evaluation-harness's request)."""
 
-    prompt: str | list[str]
-    echo: bool = False
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one prompt
+    echo: bool = False  # return the prompt (and with logprobs, its tokens' exact mixture log-probabilities) first
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # alternatives per echoed token (needs echo)
     best_of: int | None = None
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 (with echo): only score the prompt
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str:
-        if isinstance(prompt, list):
+    def _one_prompt(cls, prompt: str | list) -> str | list[int]:
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
-                raise ValueError("send one prompt per request (a list of exactly one string)")
+                raise ValueError("send one prompt per request (a list of exactly one string or token list)")
             prompt = prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt has no tokens")
         return prompt
 
     @model_validator(mode="after")
     def _completion_unsupported(self):
-        if self.echo or self.suffix or self.logprobs:
-            raise ValueError("echo, suffix and logprobs are not supported by the mesh")
+        if self.suffix:
+            raise ValueError("suffix is not supported by the mesh")
+        if self.logprobs is not None and not self.echo:
+            raise ValueError("logprobs need echo=true: the mesh scores the prompt's tokens exactly; "
+                             "log-probabilities of generated tokens alone are not returned")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream=true; send stream=false")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: send echo=true with logprobs to score the prompt, "
+                             "or max_tokens >= 1")
         if self.best_of not in (None, 1):
             raise ValueError("the mesh returns one choice per request: best_of must be 1")
         return self
+
+    def token_ids(self) -> list[int]:
+        """The prompt's token ids when it was sent as tokens; [] for a text prompt."""
+        return [] if isinstance(self.prompt, str) else list(self.prompt)

@@ -32,6 +32,7 @@ from mesh_llm.router.tokenizers import TokenizerCache
 from mesh_llm.wire import MalformedDistribution, SparseDist, decode_topk
 
 MAX_TOP_LOGPROBS = 20
+DEFAULT_TOP_K = 64  # entries per position asked of each expert for alternatives (more: exact more often)
 CHUNK_TOKENS = 256  # tokens per Step (the router's channel takes replies up to 4 MiB)
 REPLY_BUDGET = 3 << 20  # bytes of distributions one chunk's reply may carry
 _REOPEN = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
@@ -52,7 +53,7 @@ class ExpertFailed(ScoringError):
 
 def default_top_k(top_logprobs: int) -> int:
     """Entries asked of each expert per position for top_logprobs alternatives (0: no distributions)."""
-    return max(16, 4 * top_logprobs) if top_logprobs else 0
+    return max(DEFAULT_TOP_K, 4 * top_logprobs) if top_logprobs else 0
 
 
 @dataclass(frozen=True, kw_only=True)
