@@ -226,3 +226,22 @@ async def test_sampled_drafts_keep_the_mixture_distribution(tmp_path):
             counts[tokens[1].token_id if len(tokens) > 1 else vocab] += 1
     expected = np.append(marginal, first[eos].sum()) * runs
     assert chi_square_p(counts, expected) > 1e-3
+
+
+async def test_api_extra_draft_shows_in_console_status_and_metrics(tiny_loaded, tiny_model_dir, tmp_path):
+    import httpx2
+
+    from tests.api_helpers import api_mesh, client
+
+    async with api_mesh([tiny_loaded] * 2, tmp_path, console=True) as (mesh, api):
+        plain = await client(api).completions.create(model="mesh", prompt=REPEATS, max_tokens=24, temperature=0)
+        drafted = await client(api).completions.create(model="mesh", prompt=REPEATS, max_tokens=24, temperature=0,
+                                                       extra_body={"draft": f"model:{tiny_model_dir}"})
+        assert drafted.choices[0].text == plain.choices[0].text
+        async with httpx2.AsyncClient(base_url=api.origin) as http:
+            status = (await http.get("/console/api/status")).json()
+            metrics = (await http.get("/metrics")).text
+            refused = await http.post("/v1/completions", json={"model": "mesh", "prompt": "hi", "draft": "psychic"})
+    assert status["tokens_per_round"] > 1 and status["draft_acceptance"] > 0 and status["draft"] == "none"
+    assert 'mesh_router_draft_tokens_total{outcome="accepted"}' in metrics and "mesh_router_rounds_total" in metrics
+    assert refused.status_code == 400 and "unknown drafter" in refused.json()["error"]["message"]

@@ -53,7 +53,9 @@ async def console_status(request: Request) -> dict:
     return {"experts": experts, "k": st.default_k, "policy": st.default_policy, "mix": st.default_mix,
             "phase": st.phase, "halted": st.halted, "halt_reason": st.halt_reason,
             "recent_tokens_per_second": round(st.recent_tokens_per_second, 3),
-            "active_generations": st.active_generations, "models": [m["id"] for m in model_entries(ctx)]}
+            "active_generations": st.active_generations, "models": [m["id"] for m in model_entries(ctx)],
+            "draft": st.default_draft, "tokens_per_round": round(st.tokens_per_round, 3),
+            "draft_acceptance": round(st.draft_acceptance, 3)}
 
 
 @keyed.get("/metrics")
