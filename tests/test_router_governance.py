@@ -75,12 +75,14 @@ def gov_dir(tmp_path) -> Path:
     return _gov_dir(tmp_path, phase=1)
 
 
-async def test_halt_stops_every_stream_and_refuses_new_ones(tiny_loaded, tmp_path, gov_dir):
+@pytest.mark.parametrize("drafted", [False, True])
+async def test_halt_stops_every_stream_and_refuses_new_ones(tiny_loaded, tiny_model_dir, tmp_path, gov_dir, drafted):
+    draft = f"model:{tiny_model_dir}" if drafted else ""
     async with local_mesh([tiny_loaded] * 2, tmp_path, _config(tmp_path, gov_dir), delay_ms=20) as mesh:
         async with channel(mesh.router.address) as ch:
             gov = gpb_grpc.GovernanceStub(ch)
             started = [asyncio.Event() for _ in range(4)]
-            streams = [asyncio.create_task(_stream(mesh.stub, s, k=2, max_tokens=200)) for s in started]
+            streams = [asyncio.create_task(_stream(mesh.stub, s, k=2, max_tokens=200, draft=draft)) for s in started]
             await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 20)
             sent = time.perf_counter()
             state = await gov.HaltMesh(_halt("carol", "runaway task"))

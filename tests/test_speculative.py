@@ -245,3 +245,15 @@ async def test_api_extra_draft_shows_in_console_status_and_metrics(tiny_loaded, 
     assert status["tokens_per_round"] > 1 and status["draft_acceptance"] > 0 and status["draft"] == "none"
     assert 'mesh_router_draft_tokens_total{outcome="accepted"}' in metrics and "mesh_router_rounds_total" in metrics
     assert refused.status_code == 400 and "unknown drafter" in refused.json()["error"]["message"]
+
+
+async def test_drafts_with_a_straggler_over_selected(tiny_loaded, tiny_model_dir, tmp_path):
+    async with local_mesh([tiny_loaded] * 2, tmp_path) as mesh:
+        slow = await mesh.add_expert(tiny_loaded, delay_ms=1500)
+        plain, _, _ = await _texts(mesh, prompt=REPEATS, k=2, max_tokens=12)
+        ids, tokens, done = await _texts(mesh, prompt=REPEATS, k=2, extra=1, max_tokens=12, trace=True,
+                                         draft=f"model:{tiny_model_dir}")
+    slow_id = slow.link.expert_id
+    assert ids == plain and done.rounds < len(tokens)
+    assert all(slow_id not in t.expert_ids for t in tokens)
+    assert any(c.expert_id == slow_id and c.outcome == "late" for t in tokens for c in t.trace.calls)
