@@ -22,7 +22,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 @app.command()
 def serve(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Catalog name, .gguf file or checkpoint folder."),
-    port: int = typer.Option(50051, help="Port to listen on (0 picks a free one)."),
+    port: int = typer.Option(None, help="Port to listen on (default: a free one when joining a router, which is "
+                             "told the address; 50051 otherwise; 0 always picks a free one)."),
     host: str = typer.Option("0.0.0.0", help="Interface to listen on; 127.0.0.1 keeps it local."),
     quant: str = typer.Option("none", help="none, or nf4 (4-bit through bitsandbytes)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
@@ -39,7 +40,7 @@ def serve(
     metrics_port: int = typer.Option(0, help="Serve Prometheus /metrics on this port, on --host (0 = off)."),
 ) -> None:
     """Load a model and serve Step/Info over gRPC; with --join, register with a router and heartbeat."""
-    from mesh_llm.expert.server import ExpertConfig, resolve_join, serve_forever
+    from mesh_llm.expert.server import DEFAULT_PORT, ExpertConfig, resolve_join, serve_forever
     from mesh_llm.expert.sessions import SessionLimits
     from mesh_llm.models.loading import LoadOptions
 
@@ -50,15 +51,21 @@ def serve(
             torch.set_num_threads(threads)
         router_addr, secret = resolve_join(router, join)
         config = ExpertConfig(
-            load=LoadOptions(model=model, quant=quant, dtype=dtype, device=device), host=host, port=port,
+            load=LoadOptions(model=model, quant=quant, dtype=dtype, device=device), host=host,
+            port=port if port is not None else 0 if router_addr else DEFAULT_PORT,
             limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s),
             router=router_addr, secret=secret, advertise=advertise, name=name, delay_ms=delay_ms,
             metrics_port=metrics_port or None,
         )
         try:
-            asyncio.run(serve_forever(config))
+            asyncio.run(serve_forever(config, announce=_announce))
         except KeyboardInterrupt:
             pass
+
+
+def _announce(running) -> None:
+    where = f" and registers with router {running.link.router} as {running.link.advertise}" if running.link else ""
+    print(f"expert serving on port {running.port}{where}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh_llm.expert.engine import StepEngine
@@ -19,13 +20,14 @@ from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
+DEFAULT_PORT = 50051  # port of an expert that joins no router (one that joins a router takes a free port)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExpertConfig:
     load: LoadOptions  # which model and how
     host: str = "127.0.0.1"  # interface to listen on
-    port: int = 50051  # 0 picks a free port
+    port: int = DEFAULT_PORT  # 0 picks a free port
     limits: SessionLimits = field(default_factory=SessionLimits)  # session bounds
     router: str | None = None  # host:port of a router to join
     secret: str = ""  # mesh secret for the router
@@ -113,9 +115,11 @@ async def _sweep_sessions(service: ExpertService, idle_s: float) -> None:
         await service.sweep_idle()
 
 
-async def serve_forever(config: ExpertConfig) -> None:
-    """Run an expert until cancelled (Ctrl-C)."""
+async def serve_forever(config: ExpertConfig, announce: Callable[[RunningExpert], None] | None = None) -> None:
+    """Run an expert until cancelled (Ctrl-C); announce(running) once it serves."""
     running = await start_expert(config)
+    if announce is not None:
+        announce(running)
     try:
         await running.server.wait_for_termination()
     finally:

@@ -1,10 +1,20 @@
-"""One-time conversion of a GGUF file into a safetensors checkpoint that loads in a fraction of a second."""
+"""One-time conversion of a GGUF file into a safetensors checkpoint that loads in a fraction of a second.
+
+Several processes may start on one model at once (a donor with two GPUs starts two experts): a file
+lock per model serialises the conversion, each conversion writes into its own staging folder, and the
+finished folder is put in place with one rename, so a process that waited loads the finished cache.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from mesh_llm.errors import MeshError
@@ -12,6 +22,24 @@ from mesh_llm.models.checks import ModelFileError, check_checkpoint
 
 log = logging.getLogger(__name__)
 MANIFEST = "mesh_manifest.json"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, doing: str) -> Iterator[bool]:
+    """Hold an exclusive cross-process lock on path (created if missing); yields whether it had to wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        waited = False
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is %s; waiting for it to finish (lock %s)", doing, path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _source_stamp(gguf: Path) -> dict:
@@ -33,34 +61,60 @@ def is_converted(gguf: Path, out_dir: Path) -> bool:
     return all(recorded.get(k) == v for k, v in stamp.items())
 
 
+def _install(staging: Path, out_dir: Path) -> None:
+    """Put staging at out_dir with one rename; a stale out_dir is renamed aside first, then deleted."""
+    aside = None
+    if out_dir.exists():
+        aside = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(aside)
+    staging.rename(out_dir)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete staging and set-aside folders of conversions that died (only the lock holder may call this)."""
+    for pattern in (f"{out_dir.name}.partial*", f"{out_dir.name}.old-*"):
+        for leftover in out_dir.parent.glob(pattern):
+            log.info("removing %s left by an interrupted conversion", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF file with transformers and save model and tokenizer as safetensors in out_dir."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors checkpoint (once; later starts load the cache)", gguf.name)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # the GGUF reader raises many types on a damaged file
-        raise MeshError(f"could not read GGUF file {gguf} ({type(exc).__name__}: {exc}); "
-                        "the file may be truncated or not a GGUF model") from None
-    # a GGUF-loaded config keeps quantization_config (gguf); a later NF4 load refuses to mix the two
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None  # the weights are plain float32 now
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / MANIFEST).write_text(json.dumps(_source_stamp(gguf), indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.replace(out_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # the GGUF reader raises many types on a damaged file
+            raise MeshError(f"could not read GGUF file {gguf} ({type(exc).__name__}: {exc}); "
+                            "the file may be truncated or not a GGUF model") from None
+        # a GGUF-loaded config keeps quantization_config (gguf); a later NF4 load refuses to mix the two
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None  # the weights are plain float32 now
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / MANIFEST).write_text(json.dumps(_source_stamp(gguf), indent=1))
+        _install(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
     return out_dir
 
 
 def ensure_converted(gguf: Path, out_dir: Path) -> Path:
-    """The converted checkpoint for gguf, converting only when missing or stale."""
+    """The converted checkpoint for gguf, converting only when missing or stale (one process at a time)."""
     if is_converted(gguf, out_dir):
         return out_dir
-    return convert_gguf(gguf, out_dir)
+    with file_lock(out_dir.with_name(f"{out_dir.name}.lock"), f"converting {gguf.name}"):
+        if is_converted(gguf, out_dir):
+            log.info("loading the checkpoint another process converted from %s", gguf.name)
+            return out_dir
+        _remove_leftovers(out_dir)
+        return convert_gguf(gguf, out_dir)

