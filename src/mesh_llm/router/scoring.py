@@ -217,11 +217,7 @@ async def score_request(request: router_pb2.ScoreRequest, *, registry: Registry,
     if request.top_logprobs > MAX_TOP_LOGPROBS:
         raise ScoringError("INVALID_ARGUMENT", f"top_logprobs {request.top_logprobs} is too many; use 0..{MAX_TOP_LOGPROBS}")
     choice = _choose(request, registry, pool, settings)
-    first = registry.get(choice.targets[0].expert_id)
-    try:
-        tokenizer = await tokenizers.get(choice.fingerprint, pool.stub(first.address))
-    except Exception as exc:
-        raise ScoringError("UNAVAILABLE", f"could not get the tokenizer from expert {first.expert_id}: {exc}") from None
+    tokenizer = await _tokenizer(choice, tokenizers)
     tokens, text, offsets = await asyncio.to_thread(_tokenize, tokenizer, request)
     _check_tokens(tokens, choice)
     top_k = request.top_k or default_top_k(request.top_logprobs)
@@ -272,7 +268,8 @@ def _choose(request: router_pb2.ScoreRequest, registry: Registry, pool: ExpertPo
         chosen = sorted(named)
     else:
         try:
-            policy = get_policy(request.policy or settings.default_policy)
+            name = request.policy or settings.default_policy
+            policy = get_policy(name, **({"max_rtt_ms": settings.latency_bound_ms} if name == "latency" else {}))
         except UnknownPolicy as exc:
             raise ScoringError("INVALID_ARGUMENT", str(exc)) from None
         rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
@@ -286,6 +283,17 @@ def _choose(request: router_pb2.ScoreRequest, registry: Registry, pool: ExpertPo
                    weights=[by_id[e] for e in chosen] if by_id else [r.weight for r in records],
                    fingerprint=records[0].tokenizer_fingerprint, vocab_size=min(r.vocab_size for r in records),
                    context_limit=min(r.context_limit for r in records))
+
+
+async def _tokenizer(choice: _Choice, tokenizers: TokenizerCache):
+    """The family's tokenizer, cached or fetched from the first chosen expert that hands it over."""
+    failures = []
+    for target in choice.targets:
+        try:
+            return await tokenizers.get(choice.fingerprint, target.stub)
+        except Exception as exc:  # an unreachable expert: try the next one
+            failures.append(f"{target.expert_id}: {type(exc).__name__}")
+    raise ScoringError("UNAVAILABLE", f"could not get the tokenizer from any chosen expert ({'; '.join(failures)})")
 
 
 def _tokenize(tokenizer, request: router_pb2.ScoreRequest) -> tuple[list[int], str, list[int]]:
