@@ -20,7 +20,7 @@ def finetune(
     train_layers: int | None = typer.Option(None, help="Train only the last N decoder layers; 0 trains every weight."),
     seq_len: int | None = typer.Option(None, help="Tokens per training sequence."),
     batch_size: int | None = typer.Option(None, help="Sequences per step."),
-    seed: int = typer.Option(0, help="Seed of the weights' training order and of the file split."),
+    seed: int = typer.Option(0, help="Seed of the training order and of the file split."),
     checkpoint_every: int | None = typer.Option(None, help="Steps between resumable checkpoints."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint of this expert."),
     force: bool = typer.Option(False, help="Replace a catalog entry or model folder of this name not made here."),

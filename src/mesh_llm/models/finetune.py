@@ -29,14 +29,14 @@ class TrainConfig:
     """How one fine-tuning run optimises (the defaults are the probe's best per minute on 2 cores)."""
 
     seed: int = 0  # seeds torch and the order in which training blocks are visited
-    steps: int = 72  # optimizer steps of the whole run
+    steps: int = 24  # optimizer steps of the whole run
     batch_size: int = 4  # sequences per step
     seq_len: int = 128  # tokens per sequence
     lr: float = 5e-4  # peak AdamW learning rate (linear warm-up, then cosine decay to a tenth)
-    warmup_steps: int = 4  # steps of linear warm-up
+    warmup_steps: int = 3  # steps of linear warm-up
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     train_layers: int = 4  # train only the last N decoder layers and the final norm; 0 trains every weight
-    checkpoint_every: int = 12  # steps between resumable checkpoints (and one at the end)
+    checkpoint_every: int = 8  # steps between resumable checkpoints (and one at the end)
     threads: int = 2  # torch intra-op threads
 
 
@@ -242,7 +242,7 @@ class ExpertJob:
     split: SplitConfig | None = None  # file split and text budget (None: SplitConfig defaults)
     resume: bool = False  # continue from the last checkpoint instead of starting over
     force: bool = False  # replace a catalog entry or model folder of that name that fine-tuning did not make
-    eval_tokens: int = 2048  # tokens of held-out (and of training) text scored before and after
+    eval_tokens: int = 1024  # tokens of held-out (and of training) text scored before and after
     progress: bool = True  # show a progress bar
 
 
