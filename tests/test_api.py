@@ -147,11 +147,19 @@ async def test_keys_refuse_requests_without_a_valid_bearer_key(tiny_loaded, tmp_
                 await client(api, bad).models.list()
             assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
         async with httpx2.AsyncClient(base_url=api.origin) as http:
-            for path in ("/v1/models", "/metrics", "/console/api/status"):
+            for path in ("/v1/models", "/console/api/status"):
                 bare = await http.get(path)
                 assert bare.status_code == 401 and bare.headers["www-authenticate"] == "Bearer"
                 assert set(bare.json()["error"]) == {"message", "type", "param", "code"}
             assert (await http.get("/console")).status_code == 200  # the page itself asks for the key
+            scrape = await http.get("/metrics")  # a Prometheus scrape on this machine needs no key ...
+            assert scrape.status_code == 200 and "mesh_router_completion_tokens_total" in scrape.text
+            assert "_created" not in scrape.text
+        remote = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=api.server.config.app, client=("203.0.113.9", 4242)),
+                                    base_url="http://mesh")
+        async with remote:  # ... one from another host does
+            assert (await remote.get("/metrics")).status_code == 401
+            assert (await remote.get("/metrics", headers={"Authorization": "Bearer cli-key-123456"})).status_code == 200
         for good in ("cli-key-123456", "file-key-123456"):
             assert (await client(api, good).models.list()).data[0].id == "mesh"
         assert "export OPENAI_API_KEY=cli-key-123456" in client_settings(api)

@@ -6,7 +6,7 @@ from fastapi import Depends, FastAPI, Request
 
 from mesh_llm.api import console, openai_routes
 from mesh_llm.api.errors import ApiError, install_handlers
-from mesh_llm.api.keys import key_matches
+from mesh_llm.api.keys import is_loopback, key_matches
 from mesh_llm.api.mesh import ApiContext
 
 ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/console", "/console/api/status", "/metrics"}
@@ -15,8 +15,9 @@ ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/console", "
 async def require_key(request: Request) -> None:
     """Refuse (401) a request without a valid `Authorization: Bearer` key when keys are configured."""
     keys = request.app.state.ctx.keys
-    if not keys:
-        return
+    if not keys or (request.url.path == "/metrics" and request.client is not None
+                     and is_loopback(request.client.host)):
+        return  # a Prometheus scrape on this machine needs no key
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key_matches(token.strip(), keys):
         raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>` with a key this "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import secrets
 from collections.abc import Iterable
@@ -54,3 +55,11 @@ def key_matches(given: str, keys: tuple[str, ...]) -> bool:
     for key in keys:
         found |= hmac.compare_digest(given.encode(), key.encode())
     return found
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host (an address or "localhost") is on this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from mesh_llm.api.app import create_app
-from mesh_llm.api.keys import check_keys, keys_file, load_keys
+from mesh_llm.api.keys import check_keys, is_loopback, keys_file, load_keys
 from mesh_llm.api.mesh import MESH_MODEL, ApiContext
 from mesh_llm.errors import MeshError
 from mesh_llm.router.metrics import router_metrics
@@ -80,13 +79,6 @@ def _listen(host: str, port: int) -> socket.socket:
                         "pick another with --api-port") from None
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 async def start_api(router, config: ApiConfig) -> RunningApi:
     """Serve the OpenAI-compatible API (and /console, /metrics) for a RunningRouter on this loop."""
     keys = check_keys((*config.keys, *(load_keys() if config.use_keys_file else [])))
@@ -94,7 +86,7 @@ async def start_api(router, config: ApiConfig) -> RunningApi:
     metrics.watch_mesh(router.registry.experts, lambda: router.governance.switch.is_halted)
     ctx = ApiContext(router_address=router.address, registry=router.registry, service=router.service,
                      governance=router.governance, metrics=metrics, keys=keys, console=config.console)
-    if not keys and not _is_loopback(config.host):
+    if not keys and not is_loopback(config.host):
         log.warning("the HTTP API listens on %s without API keys: anyone who reaches it can generate; "
                     "pass --api-key or put keys in %s", config.host, keys_file())
     sock = _listen(config.host, config.port)
