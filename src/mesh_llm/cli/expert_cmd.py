@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 
 import typer
 
 from mesh_llm.cli import logs
 from mesh_llm.cli.errors import friendly_errors
 
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 app = typer.Typer(help="Run an expert node: a complete language model behind the mesh's gRPC service.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -17,6 +21,22 @@ app = typer.Typer(help="Run an expert node: a complete language model behind the
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug detail.")) -> None:
     """mesh-expert: donate a GPU (or CPU) to the mesh."""
     logs.configure(verbose)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT (even one a parent shell ignores); a second one acts at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def first(sig: signal.Signals) -> None:
+        log.info("%s: stopping gracefully (send it again to stop at once)", sig.name)
+        for s in STOP_SIGNALS:  # back to the defaults: a second signal ends the process
+            loop.remove_signal_handler(s)
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, first, sig)
+    return stop
 
 
 @app.command()
@@ -38,6 +58,7 @@ def serve(
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     delay_ms: float = typer.Option(0.0, help="Emulated network latency added to every Step reply (experiments)."),
     metrics_port: int = typer.Option(0, help="Serve Prometheus /metrics on this port, on --host (0 = off)."),
+    grace_s: float = typer.Option(5.0, help="On SIGTERM or Ctrl-C, Step calls already running get this long."),
 ) -> None:
     """Load a model and serve Step/Info over gRPC; with --join, register with a router and heartbeat."""
     from mesh_llm.expert.server import DEFAULT_PORT, ExpertConfig, resolve_join, serve_forever
@@ -55,12 +76,13 @@ def serve(
             port=port if port is not None else 0 if router_addr else DEFAULT_PORT,
             limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s),
             router=router_addr, secret=secret, advertise=advertise, name=name, delay_ms=delay_ms,
-            metrics_port=metrics_port or None,
+            metrics_port=metrics_port or None, grace_s=grace_s,
         )
-        try:
-            asyncio.run(serve_forever(config, announce=_announce))
+
+        try:  # signals keep their default effect while the model loads: nothing to clean up yet
+            asyncio.run(serve_forever(config, stop_on_signals, announce=_announce))
         except KeyboardInterrupt:
-            pass
+            raise typer.Exit(130) from None
 
 
 def _announce(running) -> None:

@@ -52,8 +52,10 @@ def serve(
                                       "(repeatable; keys in MESH_HOME/api_keys count too)."),
     new_api_key: bool = typer.Option(False, help="Make a random API key, add it to MESH_HOME/api_keys and use it."),
     console_page: bool = typer.Option(False, "--console", help="Serve the web console at /console on the API port."),
+    grace_s: float = typer.Option(5.0, help="On SIGTERM or Ctrl-C, running generations get this long to finish."),
 ) -> None:
     """Serve the Router service and print the invite token donors pass to `mesh-expert serve --join`."""
+    from mesh_llm.cli.expert_cmd import stop_on_signals
     from mesh_llm.router.server import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
 
@@ -69,10 +71,12 @@ def serve(
                                                   settings=settings))
         api = None
         try:
+            stop = stop_on_signals()
             console.print(f"[bold green]router serving[/bold green] on {host}:{running.port}")
-            console.print(f"invite token: [bold]{running.invite}[/bold]")
-            console.print(f"donors run:   mesh-expert serve --model smollm2-135m --join {running.invite}")
-            console.print(f"clients run:  mesh generate \"Hello\" --router {running.address}")
+            # plain prints: a token wrapped at the terminal's width breaks when copied
+            print(f"invite token: {running.invite}", flush=True)
+            print(f"donors run:   mesh-expert serve --model smollm2-135m --join {running.invite}", flush=True)
+            console.print(f"clients run:  mesh generate \"Hello\" --router {running.address}", soft_wrap=True)
             wants_api = api_port is not None or console_page or api_key or new_api_key
             if wants_api:
                 keys = (new_key(), *api_key) if new_api_key else tuple(api_key)
@@ -83,17 +87,17 @@ def serve(
                               + ("" if api.context.keys else " (no API key needed)"))
                 for line in client_settings(api):
                     console.print("  " + line, highlight=False, soft_wrap=True)
-            await running.server.wait_for_termination()
+            await stop.wait()
         finally:
             if api is not None:
                 await api.stop()
-            await running.stop()
+            await running.stop(grace_s)
 
     with friendly_errors():
         try:
             asyncio.run(run())
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt:  # a second Ctrl-C during the grace period
+            raise typer.Exit(130) from None
 
 
 def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:

@@ -83,3 +83,19 @@ class RouterLink:
                 log.info("router %s forgot this expert; registering again", self.router)
                 self.registered.clear()
                 return
+
+    async def deregister(self, reason: str, timeout_s: float = 2.0) -> bool:
+        """Tell the router this expert is leaving, so it is gone at once; False if the router did not hear it."""
+        if self.expert_id is None:
+            return False
+        try:
+            async with channel(self.router) as ch:
+                reply = await router_pb2_grpc.RouterStub(ch).Deregister(router_pb2.DeregisterRequest(
+                    mesh_secret=self.secret, expert_id=self.expert_id, reason=reason), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not deregister from router %s (%s); it will notice within its heartbeat timeout",
+                        self.router, exc.code().name)
+            return False
+        self.registered.clear()
+        log.info("deregistered from router %s (%s)", self.router, self.expert_id)
+        return reply.known

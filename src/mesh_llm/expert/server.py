@@ -37,6 +37,7 @@ class ExpertConfig:
     measure_speed: bool = True  # time a short decode at start for Info.tokens_per_second
     delay_ms: float = 0.0  # emulated network latency added before every Step reply
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks a free one); None = off
+    grace_s: float = 5.0  # on stop, Step calls already running get this long to finish
 
 
 @dataclass(kw_only=True)
@@ -47,20 +48,26 @@ class RunningExpert:
     link: RouterLink | None  # router registration, when joined
     tasks: list[asyncio.Task]  # background tasks to cancel on stop
     metrics: MetricsServer | None = None  # the /metrics HTTP server, when asked for
+    health: object | None = None  # the health servicer, set NOT_SERVING on stop
 
     @property
     def address(self) -> str:
         """host:port to dial this expert on loopback."""
         return f"127.0.0.1:{self.port}"
 
-    async def stop(self, grace: float = 0.5) -> None:
-        """Stop background tasks and the server."""
-        for task in self.tasks:
+    async def stop(self, grace: float = 0.5, reason: str = "stopping") -> None:
+        """Refuse new calls, deregister from the router, let running calls finish within grace, then close."""
+        if self.health is not None:
+            await set_serving(self.health, [SERVICE], False)
+        stopping = asyncio.create_task(self.server.stop(grace))  # new calls are refused from here on
+        for task in self.tasks:  # the router link first: it must not register again
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.server.stop(grace)
+        if self.link is not None:
+            await self.link.deregister(reason)
+        await stopping
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
         self.service.shutdown()
@@ -106,7 +113,8 @@ async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) 
                           name=config.name or advertise, info=service.info,
                           active_sessions=lambda: len(engine.sessions))
         tasks.append(asyncio.create_task(link.run()))
-    return RunningExpert(server=server, port=port, service=service, link=link, tasks=tasks, metrics=metrics)
+    return RunningExpert(server=server, port=port, service=service, link=link, tasks=tasks, metrics=metrics,
+                         health=health)
 
 
 async def _sweep_sessions(service: ExpertService, idle_s: float) -> None:
@@ -115,12 +123,14 @@ async def _sweep_sessions(service: ExpertService, idle_s: float) -> None:
         await service.sweep_idle()
 
 
-async def serve_forever(config: ExpertConfig, announce: Callable[[RunningExpert], None] | None = None) -> None:
-    """Run an expert until cancelled (Ctrl-C); announce(running) once it serves."""
+async def serve_forever(config: ExpertConfig, stop_when: Callable[[], asyncio.Event] | None = None,
+                        announce: Callable[[RunningExpert], None] | None = None) -> None:
+    """Run an expert until the event stop_when() made once serving is set (or cancelled); stop within grace_s."""
     running = await start_expert(config)
-    if announce is not None:
-        announce(running)
     try:
-        await running.server.wait_for_termination()
+        stop = stop_when() if stop_when is not None else asyncio.Event()
+        if announce is not None:
+            announce(running)
+        await stop.wait()
     finally:
-        await running.stop()
+        await running.stop(config.grace_s, reason="shutting down")

@@ -181,6 +181,20 @@ class Registry:
             self._dirty.add(expert_id)
             return True
 
+    def deregister(self, expert_id: str, reason: str = "") -> bool:
+        """Mark an expert that is leaving on purpose gone at once; False when the id is unknown."""
+        with self._lock:
+            row = self._rows.get(expert_id)
+            if row is None:
+                return False
+            old = row["state"]
+            if old != QUARANTINED:  # a quarantine outlives the expert leaving and coming back
+                self._set_state(row, GONE, self.clock())
+            self._dirty.add(expert_id)
+        log.info("expert %s deregistered (%s): %s -> %s", expert_id, reason or "no reason given", old, row["state"])
+        self.flush()
+        return True
+
     # the per-token path ---------------------------------------------------------------------
 
     def record_success(self, expert_id: str, rtt_ms: float, tokens: int = 1) -> None:

@@ -51,6 +51,7 @@ class RunningRouter:
     governance: Governance  # kill switch, proposals, actions and audit on the same store
     invite: str  # token donors pass to --join
     tasks: list[asyncio.Task]  # registry sweep and governance watch
+    health: object | None = None  # the health servicer, set NOT_SERVING on stop
 
     @property
     def address(self) -> str:
@@ -58,14 +59,17 @@ class RunningRouter:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float = 0.5) -> None:
-        """Stop background tasks, the server and expert channels; flush the registry."""
+        """Refuse new calls, let running ones finish within grace, stop background tasks, close channels and store."""
+        if self.health is not None:
+            await set_serving(self.health, SERVICES, False)
+        await self.server.stop(grace)
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.server.stop(grace)
         await self.service.close()
         self.registry.flush()
+        self.registry.engine.dispose()  # the SQL store: pooled connections closed
 
 
 def saved_secret() -> str:
@@ -112,7 +116,7 @@ async def start_router(config: RouterConfig) -> RunningRouter:
         log.warning("router starts HALTED (%s): a quorum of `mesh resume` votes lifts it", governance.switch.reason)
     log.info("router serving on %s:%d", config.host, port)
     return RunningRouter(server=server, port=port, service=service, registry=registry, governance=governance,
-                         invite=invite, tasks=tasks)
+                         invite=invite, tasks=tasks, health=health)
 
 
 async def _sweep(registry: Registry) -> None:

@@ -85,6 +85,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                         tokens_per_second=request.tokens_per_second)
         return router_pb2.HeartbeatReply(known=known)
 
+    async def Deregister(self, request, context):
+        await self._check_secret(request.mesh_secret, context)
+        # its channel stays open: Step calls already under way may still finish within the expert's grace period
+        return router_pb2.DeregisterReply(known=self.registry.deregister(request.expert_id, reason=request.reason))
+
     async def ListExperts(self, request, context):
         return router_pb2.ListExpertsReply(experts=[r.to_proto() for r in self.registry.experts()])
 
