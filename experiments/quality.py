@@ -111,7 +111,7 @@ def target_logprobs(seqs: Sequence[ScoredSequence], rule: str, top_k, fill: str)
 def evaluate(experts: Sequence[Expert], *, text_ids: Sequence[int], questions: Sequence[MCQuestion],
              ks: Sequence[int], rules: Sequence[str], top_ks: Sequence[int], fills: Sequence[str] = ("spread",),
              progress: bool = True, through_mesh: bool = False) -> tuple[list[dict], list[dict]]:
-    """Score every expert and K-subset mixture (also exactly through a mesh if asked); returns (rows, per-expert rows)."""
+    """Score every expert and K-subset mix (also exactly through a mesh if asked); returns (rows, per-expert rows)."""
     kmax = max(top_ks)
     tokenizer = experts[0].loaded.tokenizer
     mc = mc_tokens(tokenizer, questions)
@@ -206,9 +206,11 @@ def markdown_report(rows: Sequence[dict], per_expert: Sequence[dict]) -> str:
                 markdown_table(exact, [
                     ("experts", "experts", ""), ("k", "K", "d"), ("questions", "questions", "d"),
                     ("acc_mesh", "acc, mesh", ".3f"), ("acc_inproc", "acc, in-process", ".3f"),
-                    ("acc_per_char_mesh", "acc/char, mesh", ".3f"), ("acc_per_char_inproc", "acc/char, in-process", ".3f"),
+                    ("acc_per_char_mesh", "acc/char, mesh", ".3f"),
+                    ("acc_per_char_inproc", "acc/char, in-process", ".3f"),
                     ("choice_disagreements", "choices differing", "d"), ("text_nll_mesh", "text NLL, mesh", ".5f"),
-                    ("text_nll_inproc", "text NLL, in-process", ".5f"), ("max_abs_dlogprob", "max abs Δ logprob", ".2e"),
+                    ("text_nll_inproc", "text NLL, in-process", ".5f"),
+                    ("max_abs_dlogprob", "max abs Δ logprob", ".2e"),
                     ("mean_abs_dlogprob", "mean abs Δ logprob", ".2e"),
                     ("seconds_per_question", "s / question (mesh)", ".3f")]), ""]
     return "\n".join(out)

@@ -359,7 +359,7 @@ ARC_STYLE = [
 
 
 @pytest.mark.slow
-async def test_real_model_exact_scoring_through_the_mesh_equals_in_process_scoring(real_mesh_home, tmp_path):  # noqa: F811
+async def test_real_model_scoring_through_the_mesh_equals_in_process_scoring(real_mesh_home, tmp_path):  # noqa: F811
     from mesh_llm.models.catalog import DEFAULT_MODEL
     from mesh_llm.models.loading import LoadOptions, load
     from tests.mesh_helpers import local_mesh

@@ -34,7 +34,7 @@ class ScoringMesh:
 
     async def score(self, tokens: Sequence[int], members: Sequence[int],
                     weights: Sequence[float] | None = None) -> tuple[np.ndarray, float]:
-        """Exact log-probabilities of tokens[1:] under the linear mix of experts `members` (uniform by default), and seconds."""
+        """Exact log-probabilities of tokens[1:] under the linear mix of `members` (uniform by default), and seconds."""
         ids = [self.expert_ids[m] for m in members]
         began = time.perf_counter()
         reply = await self.stub.Score(router_pb2.ScoreRequest(

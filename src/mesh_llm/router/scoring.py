@@ -202,7 +202,7 @@ async def _close(targets: Sequence[Target], session_id: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class _Choice:
     targets: list[Target]  # experts to mix, in expert_id order
-    weights: list[float] | None  # their weights (None: registry weights)
+    weights: list[float]  # their mixing weights (the request's, else the registry's)
     fingerprint: str  # their tokenizer family
     vocab_size: int  # smallest vocabulary among them (ids must fit all)
     context_limit: int  # smallest context limit among them
@@ -215,7 +215,8 @@ async def score_request(request: router_pb2.ScoreRequest, *, registry: Registry,
     if bool(request.prompt) == bool(request.token_ids):
         raise ScoringError("INVALID_ARGUMENT", "send either prompt (text) or token_ids, exactly one of them")
     if request.top_logprobs > MAX_TOP_LOGPROBS:
-        raise ScoringError("INVALID_ARGUMENT", f"top_logprobs {request.top_logprobs} is too many; use 0..{MAX_TOP_LOGPROBS}")
+        raise ScoringError("INVALID_ARGUMENT",
+                           f"top_logprobs {request.top_logprobs} is too many; use 0..{MAX_TOP_LOGPROBS}")
     choice = _choose(request, registry, pool, settings)
     tokenizer = await _tokenizer(choice, tokenizers)
     tokens, text, offsets = await asyncio.to_thread(_tokenize, tokenizer, request)
@@ -342,7 +343,8 @@ def _reply(tokenizer, tokens: Sequence[int], text: str, offsets: Sequence[int], 
                     for a in scores.alternatives[j - 1])
         reply.tokens.append(scored)
     for e, w in zip(scores.experts, scores.weights):
-        reply.experts.append(router_pb2.ExpertScore(expert_id=e.expert_id, weight=float(w), logprobs=e.logprobs.tolist(),
+        reply.experts.append(router_pb2.ExpertScore(expert_id=e.expert_id, weight=float(w),
+                                                    logprobs=e.logprobs.tolist(),
                                                     reply_bytes=e.reply_bytes, compute_ms=e.compute_ms))
     return reply
 
