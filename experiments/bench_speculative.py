@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, write JSON lines, charts and a markdown table."""
     args = build_parser().parse_args(argv)
     args.command = command_line(__file__, argv)
+    # a SIGTERM becomes a Ctrl-C, so the mesh's expert subprocesses are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     with tempfile.TemporaryDirectory(prefix="mesh-tiny-") as tmp:
         loaded = None
         if args.tiny:
