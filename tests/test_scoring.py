@@ -97,9 +97,10 @@ async def test_score_of_a_k2_linear_mixture_equals_the_in_process_mixture(tiny_l
     from tests.mesh_helpers import local_mesh
 
     vocab = tiny_loaded.vocab_size
+    ref = mixture_reference([tiny_loaded, tiny_loaded_b], [0.3, 0.7], TOKENS)  # before the mesh: heartbeats go on
+    own = reference_logprobs(tiny_loaded_b, TOKENS)[np.arange(len(TOKENS) - 1), TOKENS[1:]]
     async with local_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as mesh:
         ids = [e.link.expert_id for e in mesh.experts]
-        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [0.3, 0.7], TOKENS)
         reply = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, expert_ids=ids, weights=[0.3, 0.7],
                                                               top_logprobs=5, top_k=vocab), timeout=60)
         assert [t.token_id for t in reply.tokens] == TOKENS and not reply.tokens[0].HasField("logprob")
@@ -113,7 +114,6 @@ async def test_score_of_a_k2_linear_mixture_equals_the_in_process_mixture(tiny_l
         by_id = {e.expert_id: e for e in reply.experts}
         assert sorted(by_id) == sorted(ids)
         assert by_id[ids[0]].weight == pytest.approx(0.3) and by_id[ids[1]].weight == pytest.approx(0.7)
-        own = reference_logprobs(tiny_loaded_b, TOKENS)[np.arange(len(TOKENS) - 1), TOKENS[1:]]
         np.testing.assert_allclose(by_id[ids[1]].logprobs, own, atol=1e-5)
 
         # with a small top-k, alternatives not listed by both experts are marked inexact and are lower bounds
@@ -133,15 +133,15 @@ async def test_score_text_gives_token_strings_and_offsets_and_uses_registry_weig
     from tests.mesh_helpers import local_mesh
 
     text = "The capital of France is Paris. Rivers flow to the sea."
+    ids = list(tiny_loaded.tokenizer(text).input_ids)
+    ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], ids)  # registry weights are 1
     async with local_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as mesh:
         reply = await mesh.stub.Score(router_pb2.ScoreRequest(prompt=text, k=2, top_logprobs=2), timeout=60)
         assert reply.text == text
-        ids = list(tiny_loaded.tokenizer(text).input_ids)
         assert [t.token_id for t in reply.tokens] == ids
         offsets = [t.text_offset for t in reply.tokens] + [len(text)]
         assert "".join(text[a:b] for a, b in zip(offsets, offsets[1:])) == text
         assert "".join(t.text for t in reply.tokens) == text
-        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], ids)  # registry weights are 1
         np.testing.assert_allclose([t.logprob for t in reply.tokens[1:]], ref[np.arange(len(ids) - 1), ids[1:]],
                                    atol=1e-5)
         assert all(len(t.alternatives) == 2 for t in reply.tokens[1:])
@@ -171,6 +171,7 @@ async def test_score_tokens_in_chunks_survives_an_evicted_session(tiny_loaded, t
         async def CloseSession(self, request, timeout):
             return await self.stub.CloseSession(request, timeout=timeout)
 
+    ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 3], TOKENS)
     async with local_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as mesh:
         pool = mesh.router.service.pool
         targets = [Target(expert_id=e.link.expert_id, stub=pool.stub(e.address), vocab_size=tiny_loaded.vocab_size)
@@ -183,7 +184,6 @@ async def test_score_tokens_in_chunks_survives_an_evicted_session(tiny_loaded, t
         np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
         assert [[a.token_id for a in alts] for alts in chunked.alternatives] == \
             [[a.token_id for a in alts] for alts in whole.alternatives]
-        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 3], TOKENS)
         np.testing.assert_allclose(whole.logprobs, ref[np.arange(len(TOKENS) - 1), TOKENS[1:]], atol=1e-5)
 
 
@@ -238,10 +238,13 @@ async def test_completions_echo_logprobs_is_the_exact_score_in_the_shape_lm_eval
 
     context = TOKENS[:8]
     continuation = TOKENS[8:]
+    ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], TOKENS)
+    picked = list(context)  # a continuation the mixture itself would pick greedily
+    for _ in range(3):
+        picked.append(int(mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], picked)[-1].argmax()))
     async with api_mesh([tiny_loaded, tiny_loaded_b], tmp_path) as (mesh, api):
         exact = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=TOKENS, k=2, top_logprobs=1), timeout=60)
         expected = [t.logprob for t in exact.tokens[1:]]
-        ref = mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], TOKENS)
         np.testing.assert_allclose(expected, ref[np.arange(len(TOKENS) - 1), TOKENS[1:]], atol=1e-5)
         # the request lm-eval sends for a loglikelihood: token ids, echo, logprobs 1, max_tokens 1, temperature 0
         payload = {"model": "mesh", "prompt": [context + continuation], "temperature": 0, "max_tokens": 1,
@@ -260,9 +263,6 @@ async def test_completions_echo_logprobs_is_the_exact_score_in_the_shape_lm_eval
         assert greedy == bool(np.all(argmax == np.array(continuation)))
         assert lp["text_offset"][:len(TOKENS)] == [t.text_offset for t in exact.tokens]
         # a continuation the mixture itself would pick greedily is reported greedy
-        picked = list(context)
-        for _ in range(3):
-            picked.append(int(mixture_reference([tiny_loaded, tiny_loaded_b], [1, 1], picked)[-1].argmax()))
         async with httpx2.AsyncClient(base_url=api.origin, timeout=60) as http:
             greedy_reply = await http.post("/v1/completions", json={**payload, "prompt": [picked]})
         assert lm_eval_parse(greedy_reply.json()["choices"][0], len(context))[1] is True
@@ -366,22 +366,27 @@ async def test_real_model_scoring_through_the_mesh_equals_in_process_scoring(rea
 
     loaded = load(LoadOptions(model=DEFAULT_MODEL, device="cpu"))
     tok = loaded.tokenizer
+    cases = []  # (context length, ids, in-process log_softmax rows), computed before the mesh runs
+    for context, choices, _ in ARC_STYLE:
+        ctx = list(tok(context, add_special_tokens=False).input_ids)
+        for choice in choices:
+            ids = ctx + list(tok(choice, add_special_tokens=False).input_ids)
+            cases.append((len(ctx), ids, reference_logprobs(loaded, ids).astype(np.float64)))
     worst = 0.0
+    sums_mesh, sums_ref = [], []
     async with local_mesh([loaded, loaded], tmp_path) as mesh:
-        for context, choices, gold in ARC_STYLE:
-            ctx = list(tok(context, add_special_tokens=False).input_ids)
-            sums_mesh, sums_ref = [], []
-            for choice in choices:
-                ids = ctx + list(tok(choice, add_special_tokens=False).input_ids)
-                reply = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=ids, k=2, top_logprobs=5), timeout=120)
-                got = np.array([t.logprob for t in reply.tokens[1:]])
-                ref = reference_logprobs(loaded, ids).astype(np.float64)
-                expected = ref[np.arange(len(ids) - 1), ids[1:]]  # two copies of one model mix to that model
-                worst = max(worst, float(np.abs(got - expected).max()))
-                for j, token in enumerate(reply.tokens[1:]):  # the top alternatives are the model's own top 5
-                    assert token.alternatives[0].token_id == int(ref[j].argmax()) and token.alternatives[0].exact
-                sums_mesh.append(got[len(ctx) - 1:].sum())
-                sums_ref.append(expected[len(ctx) - 1:].sum())
-            assert int(np.argmax(sums_mesh)) == int(np.argmax(sums_ref))
-            assert int(np.argmax(sums_ref)) == gold  # the model knows these
+        for n_ctx, ids, ref in cases:
+            reply = await mesh.stub.Score(router_pb2.ScoreRequest(token_ids=ids, k=2, top_logprobs=5), timeout=120)
+            got = np.array([t.logprob for t in reply.tokens[1:]])
+            expected = ref[np.arange(len(ids) - 1), ids[1:]]  # two copies of one model mix to that model
+            worst = max(worst, float(np.abs(got - expected).max()))
+            for j, token in enumerate(reply.tokens[1:]):  # the top alternative is the model's own most likely
+                assert token.alternatives[0].token_id == int(ref[j].argmax()) and token.alternatives[0].exact
+            sums_mesh.append(got[n_ctx - 1:].sum())
+            sums_ref.append(expected[n_ctx - 1:].sum())
     assert worst < 1e-4, worst
+    start = 0
+    for _, choices, gold in ARC_STYLE:
+        mesh_pick = int(np.argmax(sums_mesh[start:start + len(choices)]))
+        assert mesh_pick == int(np.argmax(sums_ref[start:start + len(choices)])) == gold  # the model knows these
+        start += len(choices)

@@ -239,51 +239,55 @@ async def score_request(request: router_pb2.ScoreRequest, *, registry: Registry,
 
 def _choose(request: router_pb2.ScoreRequest, registry: Registry, pool: ExpertPool,
             settings: MeshSettings) -> _Choice:
-    """The experts (and weights) a Score request mixes."""
+    """The experts (and weights) a Score request mixes: all named ones, else k picked by the selection policy."""
     named = list(dict.fromkeys(request.expert_ids))
     unknown = set(named) - {r.expert_id for r in registry.experts()}
     if unknown:
         raise ScoringError("NOT_FOUND", f"unknown expert id(s) {', '.join(sorted(unknown))}; see `mesh status`")
-    candidates = registry.candidates()
-    if named:
-        offline = [e for e in named if e not in {c.expert_id for c in candidates}]
-        if offline:
-            raise ScoringError("UNAVAILABLE", f"expert(s) {', '.join(offline)} not online; see `mesh status`")
-        candidates = [c for c in candidates if c.expert_id in named]
+    if request.weights and (len(request.weights) != len(request.expert_ids) or request.k not in (0, len(named))):
+        raise ScoringError("INVALID_ARGUMENT", f"{len(request.weights)} weights for {len(request.expert_ids)} "
+                           "expert_ids; send one weight per expert_ids entry and k 0 (all of them are mixed)")
+    if named and request.k in (0, len(named)):
+        records = [registry.get(e) for e in sorted(named)]
+        down = [f"{r.expert_id} ({r.state})" for r in records if r.state not in ("online", "suspect")]
+        if down:
+            raise ScoringError("UNAVAILABLE", f"expert(s) {', '.join(down)} not serving; see `mesh status`")
+        if len({r.tokenizer_fingerprint for r in records}) > 1:
+            raise ScoringError("INVALID_ARGUMENT", "expert_ids name experts of different tokenizer families; "
+                               "only one family can be mixed")
+    else:
+        records = [registry.get(e) for e in _select(request, named, registry, settings)]
+    by_id = dict(zip(request.expert_ids, request.weights)) if request.weights else None
+    return _Choice(targets=[Target(expert_id=r.expert_id, stub=pool.stub(r.address), vocab_size=r.vocab_size)
+                            for r in records],
+                   weights=[by_id[r.expert_id] for r in records] if by_id else [r.weight for r in records],
+                   fingerprint=records[0].tokenizer_fingerprint, vocab_size=min(r.vocab_size for r in records),
+                   context_limit=min(r.context_limit for r in records))
+
+
+def _select(request: router_pb2.ScoreRequest, named: list[str], registry: Registry,
+            settings: MeshSettings) -> list[str]:
+    """k online experts of one family (among the named ones, if any) chosen by the selection policy, sorted."""
+    candidates = [c for c in registry.candidates() if not named or c.expert_id in named]
     if not candidates:
         raise ScoringError("UNAVAILABLE", "no experts online; start one with `mesh-expert serve --join <token>`")
     family = pick_family(candidates, request.model_family or None)
     if not family:
         raise ScoringError("NOT_FOUND", f"no online expert has tokenizer family {request.model_family}")
-    if named and len(family) < len(named):
-        raise ScoringError("INVALID_ARGUMENT", "expert_ids name experts of different tokenizer families; "
-                           "only one family can be mixed")
-    if request.weights and (len(request.weights) != len(request.expert_ids) or request.k not in (0, len(named))):
-        raise ScoringError("INVALID_ARGUMENT", f"{len(request.weights)} weights for {len(request.expert_ids)} "
-                           "expert_ids; send one weight per expert_ids entry and k 0 (all of them are mixed)")
-    k = request.k or (len(named) if named else min(settings.default_k, len(family)))
+    k = request.k or min(settings.default_k, len(family))
     if k > len(family):
         raise ScoringError("INVALID_ARGUMENT", f"k={k} but only {len(family)} expert(s) of this family are "
                            f"online; use k {len(family)} or fewer")
-    if named and k == len(named):
-        chosen = sorted(named)
-    else:
-        try:
-            name = request.policy or settings.default_policy
-            policy = get_policy(name, **({"max_rtt_ms": settings.latency_bound_ms} if name == "latency" else {}))
-        except UnknownPolicy as exc:
-            raise ScoringError("INVALID_ARGUMENT", str(exc)) from None
-        rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
-        chosen = sorted(c.expert_id for c in policy.select(family, k, rng, GateContext(position=0)))
-        if len(chosen) < k:
-            raise ScoringError("UNAVAILABLE", f"the {policy.name} policy found only {len(chosen)} of k={k} experts")
-    records = [registry.get(e) for e in chosen]
-    by_id = dict(zip(request.expert_ids, request.weights)) if request.weights else None
-    return _Choice(targets=[Target(expert_id=r.expert_id, stub=pool.stub(r.address), vocab_size=r.vocab_size)
-                            for r in records],
-                   weights=[by_id[e] for e in chosen] if by_id else [r.weight for r in records],
-                   fingerprint=records[0].tokenizer_fingerprint, vocab_size=min(r.vocab_size for r in records),
-                   context_limit=min(r.context_limit for r in records))
+    name = request.policy or settings.default_policy
+    try:
+        policy = get_policy(name, **({"max_rtt_ms": settings.latency_bound_ms} if name == "latency" else {}))
+    except UnknownPolicy as exc:
+        raise ScoringError("INVALID_ARGUMENT", str(exc)) from None
+    rng = np.random.default_rng(request.seed if request.HasField("seed") else None)
+    chosen = sorted(c.expert_id for c in policy.select(family, k, rng, GateContext(position=0)))
+    if len(chosen) < k:
+        raise ScoringError("UNAVAILABLE", f"the {policy.name} policy found only {len(chosen)} of k={k} experts")
+    return chosen
 
 
 async def _tokenizer(choice: _Choice, tokenizers: TokenizerCache):
