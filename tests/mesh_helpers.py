@@ -41,6 +41,19 @@ class Mesh:
                 done = event.done
         return tokens, done
 
+    async def generate_killing(self, victim: RunningExpert, after: int, **fields
+                               ) -> tuple[list[router_pb2.TokenEvent], router_pb2.GenerationDone]:
+        """Like generate, but stop the victim expert once `after` tokens have arrived."""
+        tokens, done = [], None
+        async for event in self.stub.Generate(router_pb2.GenerateRequest(**fields), timeout=120):
+            if event.HasField("token"):
+                tokens.append(event.token)
+                if len(tokens) == after:
+                    await victim.stop(0)
+            else:
+                done = event.done
+        return tokens, done
+
 
 @contextlib.asynccontextmanager
 async def local_mesh(loaded_models, tmp_path, router_config: RouterConfig | None = None, **expert_kw):
