@@ -51,15 +51,8 @@ async def test_seeded_sampling_is_reproducible_and_text_matches_tokens(tiny_load
 async def test_killed_expert_does_not_stop_generation(tiny_loaded, tmp_path):
     async with local_mesh([tiny_loaded] * 3, tmp_path) as mesh:
         victim = mesh.experts[0]
-        seen = []
-        async for event in mesh.stub.Generate(router_pb2.GenerateRequest(prompt=PROMPT, k=2, max_tokens=24,
-                                                                         trace=True, policy="random", seed=1)):
-            if event.HasField("token"):
-                seen.append(event.token)
-                if len(seen) == 3:
-                    await victim.stop(0)
-            else:
-                done = event.done
+        seen, done = await mesh.generate_killing(victim, 3, prompt=PROMPT, k=2, max_tokens=24, trace=True,
+                                                 policy="random", seed=1)
         assert done.finish_reason in ("length", "eos") and len(seen) >= 4
         dead_id = victim.link.expert_id
         assert any(c.expert_id == dead_id and c.outcome.startswith("error") for t in seen for c in t.trace.calls)
