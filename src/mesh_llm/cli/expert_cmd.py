@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+import threading
+import time
 
 import typer
 
@@ -23,12 +27,19 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
     logs.configure(verbose)
 
 
-def stop_on_signals() -> asyncio.Event:
+class StopSignal(asyncio.Event):
+    """Set by the first SIGTERM or SIGINT; `at` is when it came (time.monotonic())."""
+
+    at: float | None = None
+
+
+def stop_on_signals() -> StopSignal:
     """An event set by the first SIGTERM or SIGINT (even one a parent shell ignores); a second one acts at once."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = StopSignal()
 
     def first(sig: signal.Signals) -> None:
+        stop.at = time.monotonic()
         log.info("%s: stopping gracefully (send it again to stop at once)", sig.name)
         for s in STOP_SIGNALS:  # back to the defaults: a second signal ends the process
             loop.remove_signal_handler(s)
@@ -58,6 +69,8 @@ def serve(
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     delay_ms: float = typer.Option(0.0, help="Emulated network latency added to every Step reply (experiments)."),
     metrics_port: int = typer.Option(0, help="Serve Prometheus /metrics on this port, on --host (0 = off)."),
+    pull: bool = typer.Option(True, help="Fetch a catalog model missing from MESH_HOME first (--no-pull: fail "
+                              "and name the `mesh models pull` command instead)."),
     grace_s: float = typer.Option(5.0, help="On SIGTERM or Ctrl-C, Step calls already running get this long."),
 ) -> None:
     """Load a model and serve Step/Info over gRPC; with --join, register with a router and heartbeat."""
@@ -76,13 +89,35 @@ def serve(
             port=port if port is not None else 0 if router_addr else DEFAULT_PORT,
             limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s),
             router=router_addr, secret=secret, advertise=advertise, name=name, delay_ms=delay_ms,
-            metrics_port=metrics_port or None, grace_s=grace_s,
+            metrics_port=metrics_port or None, pull=pull, grace_s=grace_s,
         )
 
+        signals: list[StopSignal] = []
+
+        def stop_when() -> StopSignal:
+            signals.append(stop_on_signals())
+            return signals[0]
+
         try:  # signals keep their default effect while the model loads: nothing to clean up yet
-            asyncio.run(serve_forever(config, stop_on_signals, announce=_announce))
+            asyncio.run(serve_forever(config, stop_when, announce=_announce))
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        if signals and signals[0].at is not None:
+            leave_busy_threads(signals[0].at + grace_s)
+
+
+def leave_busy_threads(deadline: float) -> None:
+    """Wait until deadline (monotonic) for threads still busy, e.g. a model step; then exit 0 without them."""
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("thread %s still busy when the grace period ended: exiting without waiting for it",
+                        thread.name)
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(0)
 
 
 def _announce(running) -> None:

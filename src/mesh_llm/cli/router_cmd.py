@@ -7,7 +7,6 @@ import os
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from mesh_llm.cli.errors import friendly_errors
 
@@ -103,6 +102,7 @@ def serve(
 def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:
     """Experts with health and RTT, the defaults (K, policy, mix), phase, halt state and tokens/s."""
     from mesh_llm.router.client import router_status
+    from mesh_llm.router.display import status_table
 
     with friendly_errors():
         st = asyncio.run(router_status(_router(router)))
@@ -113,13 +113,7 @@ def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:
     if st.tokens_per_round:
         console.print(f"draft {st.default_draft} · {st.tokens_per_round:.2f} tokens per round trip · "
                       f"{st.draft_acceptance:.0%} of drafted tokens accepted (recent generations)")
-    table = Table("expert", "name", "model", "state", "RTT ms", "tokens/s", "failures", "weight", "served",
-                  "device", "quant", "tokenizer")
-    for e in st.experts:
-        table.add_row(e.expert_id, e.name, e.model_id, e.state, f"{e.rtt_ms:.1f}", f"{e.tokens_per_second:.1f}",
-                      str(e.failures), f"{e.weight:g}", str(e.tokens_served), e.device, e.quantization,
-                      e.tokenizer_fingerprint[:10])
-    console.print(table)
+    console.print(status_table(st.experts))
 
 
 def generate(
@@ -165,10 +159,12 @@ def generate(
 
 
 def demo(
+    prompt: str = typer.Argument("What is the capital of France?", help="Question to ask the mesh."),
     experts: int = typer.Option(3, help="Expert processes to start."),
     k: int = typer.Option(2, help="Experts mixed per token."),
     model: str = typer.Option("smollm2-135m", help="Model every expert serves (pulled if missing)."),
-    prompt: str = typer.Option("What is the capital of France?", help="Question to ask the mesh."),
+    prompt_option: str = typer.Option(None, "--prompt", help="The question, as an option (the argument wins).",
+                                      hidden=True),
     max_tokens: int = typer.Option(48, help="Completion cap."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     seed: int = typer.Option(1, help="Seed for selection and sampling."),
@@ -179,6 +175,8 @@ def demo(
     """Start a router and N local experts on the default model and stream an answer with its contributors."""
     from mesh_llm.router.demo import DemoConfig, run_demo
 
+    if prompt_option is not None and prompt == DemoConfig.prompt:
+        prompt = prompt_option
     config = DemoConfig(model=model, experts=experts, k=k, prompt=prompt, max_tokens=max_tokens,
                         temperature=temperature, seed=seed, policy=policy, mix=mix,
                         quants=tuple(q.strip() for q in quants.split(",") if q.strip()))

@@ -1,4 +1,4 @@
-"""Starting and stopping an expert node: load the model, serve gRPC, optionally join a router."""
+"""Starting and stopping an expert node: fetch and load the model, serve gRPC, optionally join a router."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from mesh_llm.expert.service import ExpertService
 from mesh_llm.expert.sessions import SessionLimits
 from mesh_llm.grpc_util import add_health_and_reflection, bind, new_server, set_serving
 from mesh_llm.invite import decode_invite
+from mesh_llm.models.catalog import resolve
+from mesh_llm.models.fetch import ensure_fetched
 from mesh_llm.models.loading import LoadedModel, LoadOptions, load
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 
@@ -37,6 +39,7 @@ class ExpertConfig:
     measure_speed: bool = True  # time a short decode at start for Info.tokens_per_second
     delay_ms: float = 0.0  # emulated network latency added before every Step reply
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0 picks a free one); None = off
+    pull: bool = True  # fetch a catalog model missing from MESH_HOME before loading it (else fail with the fix)
     grace_s: float = 5.0  # on stop, Step calls already running get this long to finish
 
 
@@ -84,7 +87,7 @@ def resolve_join(router: str | None, join: str | None) -> tuple[str | None, str]
 async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) -> RunningExpert:
     """Load (unless given) the model, start serving, mark SERVING, and start joining a router if asked."""
     if loaded is None:
-        loaded = await asyncio.to_thread(load, config.load)
+        loaded = await asyncio.to_thread(_fetch_and_load, config)
     engine = StepEngine(loaded, config.limits)
     service = ExpertService(engine, delay_ms=config.delay_ms)
     server = new_server(config.max_message_bytes)
@@ -115,6 +118,12 @@ async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) 
         tasks.append(asyncio.create_task(link.run()))
     return RunningExpert(server=server, port=port, service=service, link=link, tasks=tasks, metrics=metrics,
                          health=health)
+
+
+def _fetch_and_load(config: ExpertConfig) -> LoadedModel:
+    if config.pull:
+        ensure_fetched(resolve(config.load.model))
+    return load(config.load)
 
 
 async def _sweep_sessions(service: ExpertService, idle_s: float) -> None:

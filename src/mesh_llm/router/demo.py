@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import subprocess
@@ -106,8 +105,10 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> router
         return await print_stream(printer, stream_generate(router.address, request))
     finally:
         for proc in procs:
-            proc.terminate()
+            proc.terminate()  # a graceful stop: each expert deregisters, so the router keeps serving meanwhile
         for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=15)
+            try:
+                await asyncio.to_thread(proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         await router.stop(0)

@@ -1,16 +1,20 @@
-"""Terminal rendering of a streaming generation: tokens coloured by the experts that produced them."""
+"""Terminal rendering: a streaming generation with tokens coloured by their experts, and the expert table."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from mesh_llm.pb import router_pb2
 
+# header, justify, narrowest width: only expert and model fold when the terminal is narrow (80 columns fit)
+STATUS_COLUMNS = (("expert", "left", 14), ("model", "left", 12), ("state", "left", 0), ("RTT ms", "right", 0),
+                  ("tok/s", "right", 0), ("fails", "right", 0), ("served", "right", 0))
 PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta"]
 
 
@@ -68,3 +72,17 @@ async def print_stream(printer: StreamPrinter,
             done = event.done
     printer.done(done)
     return done
+
+
+def status_table(experts: Sequence[router_pb2.ExpertStatus]) -> Table:
+    """The experts of a RouterStatus as a table whose headers stay whole in an 80-column terminal."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, leading=1)
+    for header, justify, narrowest in STATUS_COLUMNS:
+        table.add_column(header, justify=justify, min_width=max(len(header), narrowest), overflow="fold",
+                         no_wrap=not narrowest)
+    for e in experts:
+        who = f"{e.name}\n[dim]{e.expert_id}[/dim]" if e.name and e.name != e.expert_id else e.expert_id
+        model = f"{e.model_id}\n[dim]{e.device} {e.quantization}\ntok {e.tokenizer_fingerprint[:8]}[/dim]"
+        table.add_row(who, model, f"{e.state}\n[dim]weight {e.weight:g}[/dim]", f"{e.rtt_ms:.1f}",
+                      f"{e.tokens_per_second:.1f}", str(e.failures), str(e.tokens_served))
+    return table
