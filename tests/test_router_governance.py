@@ -232,7 +232,7 @@ async def test_a_generation_that_ignores_the_halt_is_cancelled_after_the_grace(t
         stuck.set()
         await asyncio.sleep(3600)
 
-    monkeypatch.setattr(Generation, "_next_token", wait_forever)
+    monkeypatch.setattr(Generation, "_round", wait_forever)
     async with local_mesh([tiny_loaded], tmp_path, _config(tmp_path, gov_dir, halt_grace_s=0.2)) as mesh:
         stream = asyncio.create_task(_stream(mesh.stub, k=1, max_tokens=8))
         await asyncio.wait_for(stuck.wait(), 20)
