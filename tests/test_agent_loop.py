@@ -14,7 +14,9 @@ from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.measure import Tolerances
 from mesh_llm.agent.tasks import ROTATION, TASK_TYPES, TaskStore
 from mesh_llm.agent.testing import governance_folder, signed_vote
+from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
+from mesh_llm.governance.policy import add_member
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.models.tiny import build_tiny_llama
 from mesh_llm.router.server import RouterConfig
@@ -45,6 +47,7 @@ async def agent_mesh(loaded, tmp_path, *, experts: int = 2, phase: int = 2, dela
     """A router and experts (one model, or a list of models) in this process, governance members alice/bob/carol,
     and an Agent on the router's store."""
     gov_dir = governance_folder(tmp_path / "gov", phase=phase, source=REPO_GOV)
+    add_member(gov_dir / "members.toml", "agent", keys.new_key("agent"), role="proposer")  # signs the proposals
     db = f"sqlite:///{tmp_path / 'router.db'}"
     config = RouterConfig(port=0, db_url=db, secret="s3cret", governance_dir=gov_dir, governance_poll_s=0.05)
     models = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded] * experts
@@ -79,7 +82,7 @@ async def test_ten_tasks_from_random_experts_are_all_schema_valid_and_gated(long
             events = _events(gov, task.id)
             assert [e for e in events if e in STEPS] == STEPS, events
             view = gov.proposal(task.proposal_id)
-            assert view.author == f"agent:task-{task.id}" and view.tier == task.tier and view.kind == task.proposal["kind"]
+            assert view.author == agent.config.key and view.tier == task.tier and view.kind == task.proposal["kind"]
             assert task.prompt.count("Cluster state:") == 1 and online[0] in task.prompt
         assert valid / len(done) == 1.0
         assert len({t.tier for t in done}) >= 3  # the rotation reaches several tiers

@@ -10,7 +10,9 @@ from mesh_llm.agent import schema
 from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.tasks import TaskStore
 from mesh_llm.agent.testing import governance_folder
+from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
+from mesh_llm.governance.policy import add_member
 from mesh_llm.models.catalog import DEFAULT_MODEL
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.router.server import RouterConfig
@@ -26,6 +28,7 @@ async def test_one_real_task_yields_a_valid_actionable_proposal(real_mesh_home, 
     loaded = load(LoadOptions(model=DEFAULT_MODEL, device="cpu"))
     monkeypatch.setenv("MESH_HOME", str(tmp_path / "home"))  # keys and the store stay out of the model cache
     gov_dir = governance_folder(tmp_path / "gov", phase=2, source=REPO_GOV)
+    add_member(gov_dir / "members.toml", "agent", keys.new_key("agent"), role="proposer")  # signs the proposals
     db = f"sqlite:///{tmp_path / 'router.db'}"
     config = RouterConfig(port=0, db_url=db, secret="s3cret", governance_dir=gov_dir)
     async with local_mesh([loaded] * 2, tmp_path, config) as mesh:

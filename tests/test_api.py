@@ -141,6 +141,7 @@ async def test_in_process_client_through_asgi_transport(tiny_loaded, tmp_path):
 async def test_keys_refuse_requests_without_a_valid_bearer_key(tiny_loaded, tmp_path, mesh_home):
     mesh_home.mkdir(parents=True, exist_ok=True)
     (mesh_home / "api_keys").write_text("# operators\nfile-key-123456\n")
+    (mesh_home / "api_keys").chmod(0o600)  # a keys file others can read is refused
     async with api_mesh([tiny_loaded], tmp_path, keys=("cli-key-123456",), console=True) as (mesh, api):
         for bad in ("wrong-key-123456", "none-needed"):
             with pytest.raises(openai.AuthenticationError) as refused:

@@ -47,7 +47,7 @@ def test_governance_commands_end_to_end(cli):
     assert "running" in run("resume", "--key", "bob", "--db", db)
     assert "not halted" in run("resume", "--key", "bob", "--db", db, code=1)
     assert "phase 1" in run("phase", "show", "--db", db)
-    assert "deploy_major" in run("phase", "propose", "2", "--author", "alice", "--db", db)
+    assert "deploy_major" in run("phase", "propose", "2", "--key", "alice", "--db", db)
     assert "#1 open" in run("proposals", "list", "--db", db)
     assert "votes 1+/0-" in run("vote", "1", "approve", "--key", "bob", "--db", db)
     assert "bob: approve" in run("proposals", "show", "1", "--db", db)

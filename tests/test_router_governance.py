@@ -145,7 +145,11 @@ async def test_forged_halt_is_refused_while_generation_continues(tiny_loaded, tm
             assert done.finish_reason in ("length", "eos") and tokens >= 2
             assert not mesh.router.governance.switch.is_halted
             audit = await gov.GetAudit(gpb.GetAuditRequest(verify=True))
-            assert [r.event for r in audit.rows] == ["refused", "refused"] and audit.verification.ok
+            assert [r.event for r in audit.rows] == [] and audit.verification.ok  # counted until the window closes
+            assert mesh.router.governance.flush_refusals(force=True) == 2
+            audit = await gov.GetAudit(gpb.GetAuditRequest(verify=True))
+            assert [r.event for r in audit.rows] == ["refused_unauthenticated"] and audit.verification.ok
+            assert json.loads(audit.rows[0].detail_json)["by"] == {"halt:BadSignature": 1, "halt:UnknownSigner": 1}
 
 
 async def test_mesh_halt_cli_against_the_router_and_on_the_store(tiny_loaded, tmp_path, gov_dir):
@@ -181,8 +185,8 @@ async def test_mesh_halt_cli_against_the_router_and_on_the_store(tiny_loaded, tm
 
 
 async def _approve(gov, kind: str, target: str, params: dict) -> gpb.ProposalRecord:
-    proposal = await gov.SubmitProposal(gpb.SubmitProposalRequest(
-        kind=kind, target=target, params_json=json.dumps(params), rationale="test", author="agent"))
+    proposal = await gov.SubmitProposal(gpb.SubmitProposalRequest(signed=_signed(
+        "carol", {"action": "propose", "kind": kind, "target": target, "params": params, "rationale": "test"})))
     await gov.CastVote(_signed("alice", {"action": "vote", "proposal_id": proposal.id, "choice": "approve"}))
     return await gov.CastVote(_signed("bob", {"action": "vote", "proposal_id": proposal.id, "choice": "approve"}))
 

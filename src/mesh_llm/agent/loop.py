@@ -27,7 +27,8 @@ from mesh_llm.agent.tasks import (
 from mesh_llm.errors import MeshError
 from mesh_llm.governance import phases
 from mesh_llm.governance.core import Governance
-from mesh_llm.governance.errors import GovernanceError, MeshHalted
+from mesh_llm.governance.errors import GovernanceError, KeyStoreError, MeshHalted, Unreachable
+from mesh_llm.governance.ops import proposal_message, submit_proposal
 from mesh_llm.governance.tiers import ProposalIn, Tier
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.client import DEFAULT_ROUTER, RouterUnavailable, router_status, stream_generate
@@ -39,7 +40,8 @@ PROMPT_BUDGETS = (1.0, 0.5, 0.25, 0.1)  # fractions of the prompt budget tried u
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    router: str = DEFAULT_ROUTER  # host:port of the router every generation goes through
+    router: str = DEFAULT_ROUTER  # host:port of the router every generation and proposal goes through
+    key: str = "agent"  # key under MESH_HOME/keys that signs proposals (members.toml lists it, role proposer)
     k: int = 2  # experts mixed per token for a task (fewer when its subset has fewer online)
     temperature: float = 0.3  # sampling temperature of task generations (seeded per task)
     rationale_max: int = 160  # longest rationale a proposal may carry (characters)
@@ -145,8 +147,12 @@ class Agent:
                                      expert_ids=[e.expert_id for e in scope], probe_tokens=self.config.probe_tokens)
             self.store.step(task.id, "agent_baseline", baseline)
         self._check_halt()
-        try:
-            view = self.gov.submit(proposal, author=f"agent:task-{task.id}")
+        try:  # signed with the agent's key and sent through the router: the author is that key's name
+            view = await submit_proposal(self.config.router, proposal_message(self.config.key, proposal))
+        except KeyStoreError as exc:
+            raise _Stop(FAILED, f"cannot sign the proposal: {exc}", "agent_task_failed") from None
+        except Unreachable as exc:
+            raise _Stop(FAILED, str(exc), "agent_task_failed") from None
         except MeshHalted as exc:
             raise _Stop(INTERRUPTED, f"governance refused: {exc}", "agent_task_interrupted") from None
         except GovernanceError as exc:

@@ -1,10 +1,17 @@
-"""A snapshot of the real cluster state (router status and the store) rendered into a task's prompt."""
+"""A snapshot of the real cluster state (router status and the store) rendered into a task's prompt.
+
+Only audit events whose particulars a verified member key or mesh-llm itself wrote reach the prompt;
+refusals (which anyone can provoke, with a name and text of their choosing) are shown as counts by
+operation and reason, never with their text.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
 import logging
+import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,12 +20,20 @@ import numpy as np
 from mesh_llm.agent.tasks import FINAL, TaskStore
 from mesh_llm.governance.audit import AuditRow
 from mesh_llm.governance.core import Governance
+from mesh_llm.governance.refusals import EVENT as GROUPED_REFUSALS
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.client import router_status
 
 log = logging.getLogger(__name__)
 
-REFUSAL_EVENTS = frozenset({"refused", "agent_refused"})
+# events whose actor and particulars come from a verified member (or proposer) key or from mesh-llm itself
+VERIFIED_EVENTS = frozenset({
+    "halt", "halt_repeated", "resume_vote", "resumed", "vote", "proposal_submitted", "proposal_approved",
+    "proposal_accepted", "proposal_rejected", "sandbox_result", "regression_reported", "action_applied",
+    "action_failed", "action_reverted", "action_revert_failed", "members_reloaded", "state_repaired",
+})
+REFUSAL_EVENTS = frozenset({"refused", "agent_refused", GROUPED_REFUSALS})
+_WORD = re.compile(r"^[A-Za-z_]{1,40}$")  # operation and error names as the code writes them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,8 +63,9 @@ class Snapshot:
     recent_tokens_per_second: float  # router throughput over the last minute
     active_generations: int  # streams running now
     rtt_percentiles_ms: dict  # p50, p90, max of the online experts' smoothed RTTs
-    refusals: tuple[str, ...]  # recent refusals, one line each
-    events: tuple[str, ...]  # recent audit events, one line each
+    refusals: tuple[str, ...]  # recent refusals counted by operation and reason ("vote DoubleVote, member: 2")
+    refusal_total: int  # how many refusals those lines count
+    events: tuple[str, ...]  # recent verified audit events, one line each
     recent_tasks: tuple[str, ...]  # recent finished agent tasks, one line each
 
     def online(self, subset: Iterable[str] | None = None) -> list[ExpertView]:
@@ -62,7 +78,7 @@ class Snapshot:
         return {"experts": len(self.experts), "online": len(self.online()), "default_k": self.default_k,
                 "policy": self.default_policy, "phase": self.phase, "halted": self.halted,
                 "recent_tokens_per_second": round(self.recent_tokens_per_second, 3),
-                "refusals": len(self.refusals)}
+                "refusals": self.refusal_total}
 
 
 def _when(ts: float) -> str:
@@ -73,6 +89,28 @@ def _audit_line(row: AuditRow) -> str:
     detail = json.loads(row.detail)
     short = ", ".join(f"{k}={str(v)[:60]}" for k, v in sorted(detail.items()) if v not in ("", None, [], {}))
     return f"{_when(row.ts)} {row.event} by {row.actor}: {short}"[:240]
+
+
+def refusal_counts(rows: Iterable[AuditRow]) -> Counter[str]:
+    """Refusals in rows counted by operation, reason and who was refused; no text from the refused call."""
+    counts: Counter[str] = Counter()
+    for row in rows:
+        if row.event not in REFUSAL_EVENTS:
+            continue
+        detail = json.loads(row.detail)
+        if row.event == GROUPED_REFUSALS:
+            for key, count in dict(detail.get("by") or {}).items():
+                op, _, reason = str(key).partition(":")
+                counts[f"{_word(op)} {_word(reason)}, unauthenticated"] += int(count)
+        elif row.event == "refused":
+            counts[f"{_word(detail.get('op'))} {_word(detail.get('error'))}, member"] += 1
+        else:
+            counts["agent task refused"] += 1
+    return counts
+
+
+def _word(value) -> str:
+    return value if isinstance(value, str) and _WORD.match(value) else "other"
 
 
 def percentiles(values: list[float]) -> dict:
@@ -92,7 +130,8 @@ def from_status(status: router_pb2.RouterStatus, *, subset: Iterable[str] | None
                                weight=e.weight, tokens_served=e.tokens_served,
                                in_subset=keep is None or e.expert_id in keep) for e in status.experts)
     rtts = [e.rtt_ms for e in experts if e.state == "online" and e.rtt_ms > 0]
-    refusals = [r for r in audit_rows if r.event in REFUSAL_EVENTS]
+    refusals = refusal_counts(audit_rows)
+    verified = [r for r in audit_rows if r.event in VERIFIED_EVENTS]
     tasks = [f"task {t.id} {t.type}: {t.state}"
              + (f" ({t.proposal['kind']} -> {t.tier})" if t.proposal else "")
              + (f": {(t.outcome or t.error)[:100]}" if (t.outcome or t.error) else "") for t in finished]
@@ -101,8 +140,9 @@ def from_status(status: router_pb2.RouterStatus, *, subset: Iterable[str] | None
                     halted=status.halted, halt_reason=status.halt_reason,
                     recent_tokens_per_second=status.recent_tokens_per_second,
                     active_generations=status.active_generations, rtt_percentiles_ms=percentiles(rtts),
-                    refusals=tuple(_audit_line(r) for r in refusals[-max_events:]),
-                    events=tuple(_audit_line(r) for r in audit_rows[-max_events:]),
+                    refusals=tuple(f"{what}: {n}" for what, n in refusals.most_common(max_events)),
+                    refusal_total=sum(refusals.values()),
+                    events=tuple(_audit_line(r) for r in verified[-max_events:]),
                     recent_tasks=tuple(tasks))
 
 
@@ -129,7 +169,8 @@ def render(snap: Snapshot, budget_chars: int = 3000) -> str:
         head.append(f"- {e.expert_id} ({e.name or e.model_id}) {e.state}, rtt {e.rtt_ms:.1f} ms, "
                     f"{e.failures} failures, {e.tokens_per_second:.1f} tok/s, weight {e.weight:g}, "
                     f"{e.tokens_served} tokens served{'' if e.in_subset else ', other subset'}")
-    sections = [("Recent refusals:", list(snap.refusals)), ("Recent audit events:", list(snap.events)),
+    sections = [(f"Recent refusals ({snap.refusal_total}, counted by operation and reason):", list(snap.refusals)),
+                ("Recent audit events:", list(snap.events)),
                 ("Recent agent tasks:", list(snap.recent_tasks))]
     text = "\n".join(head)
     for title, lines in sections:

@@ -12,7 +12,9 @@ from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.subsets import Subsets, SubsetView
 from mesh_llm.agent.tasks import QUEUED, ROTATION, TASK_TYPES, WAITING, TaskRecord, TaskStore
 from mesh_llm.errors import MeshError
+from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
+from mesh_llm.governance.errors import KeyStoreError
 from mesh_llm.router.client import RouterUnavailable, router_status
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Runner:
         if self.gov.switch.is_halted:
             raise MeshError(f"the mesh is halted ({self.gov.switch.reason}); the agent does not start until a "
                             "quorum of `mesh resume` votes lifts it")
+        self._check_key()
         self.report.requeued = self.store.recover()
         self.store.audit("agent_runner_started", {"subsets": self.config.subsets, "once": self.config.once,
                                                   "requeued": self.report.requeued})
@@ -87,6 +90,18 @@ class Runner:
         self.store.audit("agent_runner_stopped", {"halted": self.report.halted, "reason": self.report.halt_reason,
                                                   "started": self.report.started})
         return self.report
+
+    def _check_key(self) -> None:
+        """Refuse to start without the key that signs proposals; warn when this trust root does not list it."""
+        name = self.config.agent.key
+        try:
+            public = keys.public_key_b64(keys.load_key(name))
+        except KeyStoreError as exc:
+            raise MeshError(f"the agent signs its proposals with key {name!r}: {exc}; then list it in the router's "
+                            f"members.toml with `mesh members add {name} PUBKEY --role proposer`") from None
+        if not any(m.name == name and m.public_key == public for m in self.gov.members):
+            log.warning("key %r is not in %s: the router refuses the agent's proposals unless its members.toml lists "
+                        "it (`mesh members add %s PUBKEY --role proposer`)", name, self.gov.members_path, name)
 
     async def _watch_store(self) -> None:
         """Return as soon as the store records a halt (by any member, through any process)."""

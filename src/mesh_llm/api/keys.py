@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mesh_llm.errors import MeshError
+from mesh_llm.governance.keys import require_private
 from mesh_llm.paths import mesh_home
 
 KEYS_FILE = "api_keys"
@@ -21,10 +22,11 @@ def keys_file() -> Path:
 
 
 def load_keys(path: Path | None = None) -> list[str]:
-    """The keys in the keys file (none when it does not exist)."""
+    """The keys in the keys file (none when it does not exist); refused when group or others can read it."""
     path = path or keys_file()
     if not path.exists():
         return []
+    require_private(path, MeshError)
     keys = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
     return [k for k in keys if k]
 
@@ -33,6 +35,8 @@ def new_key(path: Path | None = None) -> str:
     """Make a random key, append it to the keys file (mode 0600) and return it."""
     path = path or keys_file()
     key = "mesh-" + secrets.token_urlsafe(24)
+    if path.exists():
+        require_private(path, MeshError)  # never add a key to a file others can read
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as fh:
         fh.write(key + "\n")

@@ -76,12 +76,16 @@ def run(interval: str = typer.Option("10m", "--interval", help="Each subset star
         router: str = typer.Option(None, "--router", help="Router HOST:PORT (default: $MESH_ROUTER or "
                                    "127.0.0.1:50050)."),
         db: str = DB,
-        governance_dir: Path = typer.Option(None, "--governance-dir", help="Folder with policy.toml and "
-                                            "members.toml (default: $MESH_GOVERNANCE_DIR or ./governance).")) -> None:
+        key: str = typer.Option("agent", "--key", help="Key under MESH_HOME/keys that signs the agent's proposals; "
+                                "the router's members.toml lists it (`mesh members add NAME PUBKEY --role proposer`)."),
+        governance_dir: Path = typer.Option(None, "--governance", "--governance-dir", help="Folder with policy.toml "
+                                            "and members.toml, the trust root (default: $MESH_GOVERNANCE_DIR, else "
+                                            "MESH_HOME/governance, as `mesh router serve` uses).")) -> None:
     """Run the agent loop: observe, ask the mesh, propose, gate; stops at once when the mesh is halted."""
     from mesh_llm.agent.loop import AgentConfig
     from mesh_llm.agent.ops import run_agent
     from mesh_llm.agent.runner import RunnerConfig
+    from mesh_llm.governance.policy import trust_root
     from mesh_llm.router.client import DEFAULT_ROUTER
 
     with friendly_errors():
@@ -89,9 +93,10 @@ def run(interval: str = typer.Option("10m", "--interval", help="Each subset star
             seconds = parse_interval(interval)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
+        typer.echo(trust_root(governance_dir).describe(), err=True)
         address = router or os.environ.get("MESH_ROUTER") or DEFAULT_ROUTER
-        config = RunnerConfig(agent=AgentConfig(router=address, k=k, temperature=temperature), interval_s=seconds,
-                              subsets=subsets, once=once)
+        config = RunnerConfig(agent=AgentConfig(router=address, k=k, temperature=temperature, key=key),
+                              interval_s=seconds, subsets=subsets, once=once)
         try:
             report = asyncio.run(run_agent(config, db=db, gov_dir=governance_dir))
         except KeyboardInterrupt:

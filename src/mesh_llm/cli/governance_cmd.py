@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+from pathlib import Path
 
 import typer
 
@@ -24,6 +25,16 @@ phase_app = typer.Typer(help="The mesh's phase (which tiers and features are ena
 ROUTER = typer.Option(None, "--router", help="HOST:PORT of a router; without it, act on the local store.")
 DB = typer.Option(None, "--db", help="SQLAlchemy URL of the local store (default: MESH_HOME/mesh.db).")
 KEY = typer.Option(..., "--key", help="Your key name under MESH_HOME/keys (= your member name).")
+GOV = typer.Option(None, "--governance", help="Folder with policy.toml and members.toml, the governance trust root "
+                   "(default: $MESH_GOVERNANCE_DIR, else MESH_HOME/governance; never ./governance).")
+
+
+def _trust_root(gov_dir: Path | None, router: str | None = None) -> None:
+    """Say on stderr which trust root a local command uses (with --router the router's own is used)."""
+    from mesh_llm.governance.policy import trust_root
+
+    if not router:
+        typer.echo(trust_root(gov_dir).describe(), err=True)
 
 
 def _when(ts: float | None) -> str:
@@ -58,50 +69,60 @@ def keys_new(name: str = typer.Argument(..., help="Key (and member) name.")) -> 
 
 
 @members_app.command("add")
-def members_add(name: str, public_key: str = typer.Argument(..., help="Base64 public key from `mesh keys new`.")) -> None:
-    """Add a member to members.toml."""
+def members_add(name: str, public_key: str = typer.Argument(..., help="Base64 public key from `mesh keys new`."),
+                role: str = typer.Option("member", "--role", help="member (votes, halts, resumes, proposes) or "
+                                         "proposer (signs proposals only, e.g. the agent's key)."),
+                gov_dir: Path = GOV) -> None:
+    """Add a member (or a proposer) to members.toml."""
     with friendly_errors():
-        member = ops.members_add(name, public_key)
-        typer.echo(f"added {member.name}")
+        _trust_root(gov_dir)
+        member = ops.members_add(name, public_key, role=role, gov_dir=gov_dir)
+        typer.echo(f"added {member.name}" + (f" ({member.role})" if member.role != "member" else ""))
 
 
 @members_app.command("list")
-def members_list() -> None:
-    """List members and their public keys."""
+def members_list(gov_dir: Path = GOV) -> None:
+    """List members, their roles and public keys."""
     with friendly_errors():
-        for member in ops.members_list():
-            typer.echo(f"{member.name}  {member.public_key}")
+        _trust_root(gov_dir)
+        for member in ops.members_list(gov_dir=gov_dir):
+            typer.echo(f"{member.name}  {member.role}  {member.public_key}")
 
 
 def halt(reason: str = typer.Option(..., "--reason", help="Why you are stopping the mesh."), key: str = KEY,
-         router: str = ROUTER, db: str = DB) -> None:
+         router: str = ROUTER, db: str = DB, gov_dir: Path = GOV) -> None:
     """Halt the mesh now (any single member); it stays halted until a quorum resumes it."""
     with friendly_errors():
-        _echo_halt(ops.halt_mesh(key=key, reason=reason, router=router, db=db))
+        _trust_root(gov_dir, router)
+        _echo_halt(ops.halt_mesh(key=key, reason=reason, router=router, db=db, gov_dir=gov_dir))
 
 
-def resume(key: str = KEY, router: str = ROUTER, db: str = DB) -> None:
+def resume(key: str = KEY, router: str = ROUTER, db: str = DB, gov_dir: Path = GOV) -> None:
     """Vote to resume a halted mesh; it resumes when the resume quorum is met."""
     with friendly_errors():
-        _echo_halt(ops.resume_mesh(key=key, router=router, db=db))
+        _trust_root(gov_dir, router)
+        _echo_halt(ops.resume_mesh(key=key, router=router, db=db, gov_dir=gov_dir))
 
 
 def vote(proposal_id: int = typer.Argument(..., metavar="ID"),
          choice: str = typer.Argument(..., metavar="approve|reject"), key: str = KEY, router: str = ROUTER,
-         db: str = DB) -> None:
+         db: str = DB, gov_dir: Path = GOV) -> None:
     """Sign and cast your vote on a proposal."""
     with friendly_errors():
         if choice not in ("approve", "reject"):
             raise typer.BadParameter("choose approve or reject", param_hint="CHOICE")
-        _echo_proposal(ops.cast_vote(proposal_id=proposal_id, choice=choice, key=key, router=router, db=db), full=False)
+        _trust_root(gov_dir, router)
+        _echo_proposal(ops.cast_vote(proposal_id=proposal_id, choice=choice, key=key, router=router, db=db,
+                                     gov_dir=gov_dir), full=False)
 
 
 @proposals_app.command("list")
 def proposals_list(status: str = typer.Option(None, "--status", help="Only this status (open, approved, ...)."),
-                   router: str = ROUTER, db: str = DB) -> None:
+                   router: str = ROUTER, db: str = DB, gov_dir: Path = GOV) -> None:
     """List proposals, newest first."""
     with friendly_errors():
-        found = ops.list_proposals(status=status, router=router, db=db)
+        _trust_root(gov_dir, router)
+        found = ops.list_proposals(status=status, router=router, db=db, gov_dir=gov_dir)
         for p in found:
             _echo_proposal(p, full=False)
         if not found:
@@ -109,50 +130,60 @@ def proposals_list(status: str = typer.Option(None, "--status", help="Only this 
 
 
 @proposals_app.command("show")
-def proposals_show(proposal_id: int = typer.Argument(..., metavar="ID"), router: str = ROUTER, db: str = DB) -> None:
+def proposals_show(proposal_id: int = typer.Argument(..., metavar="ID"), router: str = ROUTER, db: str = DB,
+                   gov_dir: Path = GOV) -> None:
     """Show one proposal with its votes."""
     with friendly_errors():
-        _echo_proposal(ops.show_proposal(proposal_id, router=router, db=db), full=True)
+        _trust_root(gov_dir, router)
+        _echo_proposal(ops.show_proposal(proposal_id, router=router, db=db, gov_dir=gov_dir), full=True)
 
 
 @audit_app.command("show")
 def audit_show(limit: int = typer.Option(50, "--limit", help="Last N rows (0 = all)."), router: str = ROUTER,
-               db: str = DB) -> None:
+               db: str = DB, gov_dir: Path = GOV) -> None:
     """Print the last audit rows."""
     with friendly_errors():
-        for row in ops.audit_show(limit=limit or None, router=router, db=db):
+        _trust_root(gov_dir, router)
+        for row in ops.audit_show(limit=limit or None, router=router, db=db, gov_dir=gov_dir):
             typer.echo(f"{row.seq:>6} {_when(row.ts)} {row.event:<20} {row.actor:<12} {row.detail}")
 
 
 @audit_app.command("verify")
-def audit_verify(router: str = ROUTER, db: str = DB) -> None:
-    """Walk the hash chain; name the first edited, deleted or reordered row."""
+def audit_verify(router: str = ROUTER, db: str = DB, gov_dir: Path = GOV) -> None:
+    """Walk the hash chain, check its signed head, and cross-check halts, votes and actions against it."""
     with friendly_errors():
-        result = ops.audit_verify(router=router, db=db)
+        _trust_root(gov_dir, router)
+        result = ops.audit_verify(router=router, db=db, gov_dir=gov_dir)
     if result.ok:
-        typer.echo(f"audit chain ok: {result.checked} rows")
+        typer.echo(f"audit chain ok: {result.checked} rows, head signature and state tables agree")
         return
-    typer.secho(f"audit chain BROKEN at row {result.first_bad_seq}: {result.problem}", fg=typer.colors.RED, err=True)
+    where = f" at row {result.first_bad_seq}" if result.first_bad_seq else ""
+    typer.secho(f"audit chain BROKEN{where}: {result.problem}", fg=typer.colors.RED, err=True)
+    for line in result.mismatches:
+        typer.secho(f"  {line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
 
 @phase_app.command("show")
-def phase_show(router: str = ROUTER, db: str = DB) -> None:
+def phase_show(router: str = ROUTER, db: str = DB, gov_dir: Path = GOV) -> None:
     """Show the current phase and the tiers and features it enables."""
     with friendly_errors():
-        info = ops.phase_show(router=router, db=db)
+        _trust_root(gov_dir, router)
+        info = ops.phase_show(router=router, db=db, gov_dir=gov_dir)
         typer.echo(f"phase {info.phase}: {info.rule.description}")
         typer.echo(f"tiers: {', '.join(t if isinstance(t, str) else t.value for t in info.rule.tiers)}")
         typer.echo(f"features: {', '.join(info.rule.features) or '-'}")
 
 
 @phase_app.command("propose")
-def phase_propose(phase: int = typer.Argument(..., metavar="N", min=0, max=3),
-                  author: str = typer.Option("cli", "--author", help="Who proposes it."),
-                  rationale: str = typer.Option("", "--rationale"), router: str = ROUTER, db: str = DB) -> None:
-    """Propose moving the mesh to phase N (decided by a full vote)."""
+def phase_propose(phase: int = typer.Argument(..., metavar="N", min=0, max=3), key: str = KEY,
+                  rationale: str = typer.Option("", "--rationale"), router: str = ROUTER, db: str = DB,
+                  gov_dir: Path = GOV) -> None:
+    """Sign and propose moving the mesh to phase N (decided by a full vote); you are its author."""
     with friendly_errors():
-        _echo_proposal(ops.phase_propose(phase, author=author, rationale=rationale, router=router, db=db), full=True)
+        _trust_root(gov_dir, router)
+        _echo_proposal(ops.phase_propose(phase, key=key, rationale=rationale, router=router, db=db,
+                                         gov_dir=gov_dir), full=True)
 
 
 def register(app: typer.Typer) -> None:

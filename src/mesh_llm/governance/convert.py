@@ -72,9 +72,10 @@ def audit_from_pb(msg: pb.AuditRecord) -> AuditRow:
 def verify_to_pb(result: VerifyResult) -> pb.AuditVerification:
     """VerifyResult as a protobuf message."""
     return pb.AuditVerification(ok=result.ok, checked=result.checked, first_bad_seq=result.first_bad_seq or 0,
-                                problem=result.problem)
+                                problem=result.problem, mismatches=list(result.mismatches))
 
 
 def verify_from_pb(msg: pb.AuditVerification) -> VerifyResult:
     """VerifyResult from its protobuf message."""
-    return VerifyResult(ok=msg.ok, checked=msg.checked, first_bad_seq=msg.first_bad_seq or None, problem=msg.problem)
+    return VerifyResult(ok=msg.ok, checked=msg.checked, first_bad_seq=msg.first_bad_seq or None, problem=msg.problem,
+                        mismatches=tuple(msg.mismatches))

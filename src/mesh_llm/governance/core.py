@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -12,20 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from mesh_llm.governance import actions as action_store
-from mesh_llm.governance import audit, phases
+from mesh_llm.governance import audit, integrity, phases
 from mesh_llm.governance import proposals as prop
 from mesh_llm.governance.actions import ActionRegistry
 from mesh_llm.governance.errors import (
     DoubleVote, GovernanceError, InvalidMessage, InvalidProposal, MeshHalted, NotHalted, PhaseForbidden,
-    PolicyError, ProposalClosed, ReplayedNonce, UnknownProposal,
+    PolicyError, ProposalClosed, ReplayedNonce, RoleForbidden, SignatureRefused, UnknownProposal, Unsigned,
 )
 from mesh_llm.governance.keys import parse_public_key
 from mesh_llm.governance.killswitch import HaltPayload, HaltState, HaltSwitch, ResumePayload, current_halt, load_state
-from mesh_llm.governance.policy import Member, PhaseRule, Policy, governance_dir, load_members, load_policy
-from mesh_llm.governance.proposals import ProposalView, VotePayload
+from mesh_llm.governance.policy import Member, PhaseRule, Policy, TrustRoot, load_members, load_policy, trust_root
+from mesh_llm.governance.proposals import ProposalView, ProposePayload, VotePayload
+from mesh_llm.governance.refusals import EVENT as GROUPED_REFUSALS, RefusalDigest
 from mesh_llm.governance.runner import ActionRunner
 from mesh_llm.governance.signing import SignedMessage, verify
 from mesh_llm.governance.tiers import ProposalIn, Tier
@@ -47,56 +49,73 @@ class Governance:
     """Everything governance does, over one SQL store, one policy and one member list."""
 
     def __init__(self, *, engine: Engine, policy: Policy, members: list[Member], clock: Clock = time.time,
-                 registry: ActionRegistry | None = None, members_path: Path | None = None) -> None:
-        """Wrap a migrated engine; load the stored halt state into the switch."""
+                 registry: ActionRegistry | None = None, members_path: Path | None = None,
+                 root: TrustRoot | None = None, repair: bool = True) -> None:
+        """Wrap a migrated engine; check the state tables against the audit log; load the halt state (the log's).
+
+        With repair (the default), a halt the audit log shows but the halts table lost is written back;
+        `mesh audit verify` opens without it, so it reports the disagreement instead.
+        """
         self.engine = engine
         self.policy = policy
         self.clock = clock
+        self.root = root  # where policy and members came from (None: given in code)
         self.registry = registry or ActionRegistry()
         self.switch = HaltSwitch()
         self._switch_lock = threading.RLock()  # a halt or resume in this process owns the switch until it is stored
+        self._log_lock = threading.Lock()
+        self._repair = repair
         self.members_path = members_path
+        self.digest = RefusalDigest(window_s=policy.signatures.refusal_window_s, clock=clock)
         self.runner = ActionRunner(engine=engine, registry=self.registry, clock=clock,
-                                   is_halted=lambda: self.switch.is_halted)
+                                   is_halted=lambda: self.switch.is_halted, confirmed=self._approved_in_log)
         self._set_members(members)
         self.registry.register(phases.PHASE_CHANGE_KIND, self._apply_phase)
         self.registry.on_register(lambda _kind: self.run_pending_reverts())
+        with self.engine.connect() as conn:
+            self._log = integrity.replay(conn)
+            for m in integrity.cross_check(conn, self._log, initial_phase=policy.initial_phase):
+                log.error("state table %s disagrees with the audit log (row %s): %s; the log is trusted",
+                          m.table, m.seq, m.problem)
         self.refresh()
         self.run_pending_reverts()  # a halt recorded while this process was down
 
     @classmethod
     def open(cls, db_url: str | None = None, *, gov_dir: Path | None = None, clock: Clock = time.time,
-             registry: ActionRegistry | None = None) -> Governance:
-        """Open the store at db_url and the policy and members files in gov_dir (or governance_dir())."""
+             registry: ActionRegistry | None = None, repair: bool = True) -> Governance:
+        """Open the store at db_url and the policy and members in gov_dir (else the trust_root() default)."""
         from mesh_llm.store.db import open_engine
 
-        folder = gov_dir or governance_dir()
-        cls._check_dir(folder)
-        return cls.on_engine(open_engine(db_url), gov_dir=folder, clock=clock, registry=registry)
+        root = trust_root(gov_dir)
+        cls._check_dir(root)
+        return cls.on_engine(open_engine(db_url), gov_dir=gov_dir, clock=clock, registry=registry, repair=repair)
 
     @classmethod
     def on_engine(cls, engine: Engine, *, gov_dir: Path | None = None, clock: Clock = time.time,
-                  registry: ActionRegistry | None = None) -> Governance:
-        """Governance over an already migrated engine (e.g. the router's) with the files in gov_dir."""
-        folder = gov_dir or governance_dir()
-        cls._check_dir(folder)
+                  registry: ActionRegistry | None = None, repair: bool = True) -> Governance:
+        """Governance over an already migrated engine (e.g. the router's) with the files in gov_dir (or the default)."""
+        root = trust_root(gov_dir)
+        cls._check_dir(root)
+        folder = root.path
+        log.info("%s", root.describe())
         return cls(engine=engine, policy=load_policy(folder / "policy.toml"),
                    members=load_members(folder / "members.toml"), clock=clock, registry=registry,
-                   members_path=folder / "members.toml")
+                   members_path=folder / "members.toml", root=root, repair=repair)
 
     @staticmethod
-    def _check_dir(folder: Path) -> None:
-        if not (folder / "policy.toml").is_file():
-            raise PolicyError(f"no policy.toml in {folder}: set MESH_GOVERNANCE_DIR to the folder holding "
-                              "policy.toml and members.toml (the repository's governance/)")
+    def _check_dir(root: TrustRoot) -> None:
+        if not (root.path / "policy.toml").is_file():
+            raise PolicyError(f"no policy.toml in {root.path} ({root.describe()}): pass --governance DIR (or set "
+                              "MESH_GOVERNANCE_DIR) naming the folder with policy.toml and members.toml")
 
     # members and quorums
 
     def _set_members(self, members: list[Member]) -> None:
         self.members = list(members)
-        self._keys = {m.name: parse_public_key(m.public_key) for m in members}
-        if len(self._keys) < 2:
-            log.warning("only %d governance member(s): quorums are capped at that", len(self._keys))
+        self._keys = {m.name: parse_public_key(m.public_key) for m in members}  # every signer, proposers too
+        self._voters = {m.name: self._keys[m.name] for m in members if m.role == "member"}
+        if len(self._voters) < 2:
+            log.warning("only %d governance member(s): quorums are capped at that", len(self._voters))
 
     def reload_members(self) -> list[Member]:
         """Re-read members.toml (after an edit or `mesh members add`)."""
@@ -107,7 +126,7 @@ class Governance:
         return self.members
 
     def _required(self, tier: str | Tier) -> int:
-        return self.policy.required(self.policy.tiers[Tier(tier)].approvals, len(self._keys))
+        return self.policy.required(self.policy.tiers[Tier(tier)].approvals, len(self._voters))
 
     # audit and refusals
 
@@ -119,19 +138,48 @@ class Governance:
     def _refusals(self, op: str, actor: str) -> Iterator[None]:
         try:
             yield
+        except SignatureRefused as exc:  # the caller is not proven: count it, keep none of its text
+            self._count_unauthenticated(op, exc)
+            raise
         except GovernanceError as exc:
             log.warning("refused %s by %s: %s", op, actor, exc)
             self._audit("refused", actor, {"op": op, "error": type(exc).__name__, "message": str(exc)})
             raise
 
-    def _verified(self, msg: SignedMessage, model: type[BaseModel]):
+    def flush_refusals(self, *, force: bool = False) -> int:
+        """Write the closed refusal window (an open one too with force) as one audit row; return its count."""
+        detail = self.digest.take(force=force)
+        if detail is None:
+            return 0
+        self._audit(GROUPED_REFUSALS, "governance", detail)
+        log.warning("refused %d unauthenticated governance call(s) in %.0f s: %s", detail["count"],
+                    detail["window_s"], detail["by"])
+        return detail["count"]
+
+    def _count_unauthenticated(self, op: str, exc: SignatureRefused) -> None:
+        self.digest.add(op, type(exc).__name__)
+        self.flush_refusals()
+
+    def refuse_unsigned(self, op: str) -> Unsigned:
+        """Count an unsigned request for op (grouped like other unauthenticated refusals); return the error to raise."""
+        error = Unsigned(f"{op} must be signed by a key listed in members.toml (the agent's: role proposer); the "
+                         "CLI signs with --key NAME")
+        self._count_unauthenticated(op, error)
+        return error
+
+    def _verified(self, msg: SignedMessage, model: type[BaseModel], *, proposer_ok: bool = False):
         payload = verify(msg, self._keys, now=self.clock(), max_skew_s=self.policy.signatures.max_skew_s)
+        if not proposer_ok and msg.signer not in self._voters:
+            raise RoleForbidden(f"{msg.signer!r} is a proposer: it may submit proposals, not halt, resume or vote")
         try:
             return model.model_validate(payload)
         except ValidationError as exc:
             raise InvalidMessage(f"bad payload: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
     def _consume_nonce(self, conn, msg: SignedMessage, now: float) -> None:
+        # a nonce only matters while its message could pass the freshness check: it was received within
+        # max_skew_s of its timestamp, which stops passing max_skew_s later, so 2 x max_skew_s is safe
+        conn.execute(delete(nonces).where(nonces.c.ts < now - 2 * self.policy.signatures.max_skew_s))
         seen = conn.execute(select(nonces.c.nonce).where(nonces.c.signer == msg.signer,
                                                          nonces.c.nonce == msg.nonce)).first()
         if seen:
@@ -186,7 +234,7 @@ class Governance:
         with self._refusals("resume", msg.signer):
             payload = self._verified(msg, ResumePayload)
             now = self.clock()
-            required = self.policy.required(self.policy.kill_switch.resume_quorum, len(self._keys))
+            required = self.policy.required(self.policy.kill_switch.resume_quorum, len(self._voters))
             with write_tx(self.engine) as conn:
                 self._consume_nonce(conn, msg, now)  # rolled back with everything else on a refusal
                 row = current_halt(conn)
@@ -210,28 +258,70 @@ class Governance:
 
     def halt_state(self) -> HaltState:
         """The stored halt state."""
-        required = self.policy.required(self.policy.kill_switch.resume_quorum, len(self._keys))
+        required = self.policy.required(self.policy.kill_switch.resume_quorum, len(self._voters))
         with self.engine.connect() as conn:
             return load_state(conn, required)
 
     def refresh(self) -> HaltState:
-        """Bring the in-process switch in line with the store (halts and resumes by other processes)."""
+        """Bring the switch in line with the store; a halt the log shows but the halts table lost is restored."""
         if not self._switch_lock.acquire(blocking=False):
             return self.halt_state()  # a halt or resume of this process (another thread) sets the switch itself
         try:
+            if self._halt_table_disagrees() and self._repair:
+                self._restore_halt()
             state = self.halt_state()
             self.switch._set(state.halted, state.reason)
             return state
         finally:
             self._switch_lock.release()
 
+    def _sync_log(self, conn) -> integrity.LogState:
+        with self._log_lock:
+            self._log = integrity.advance(conn, self._log)
+            return self._log
+
+    def _halt_table_disagrees(self) -> bool:
+        with self.engine.connect() as conn:  # one snapshot of the log and the table
+            logged = self._sync_log(conn).open_halt()
+            stored = current_halt(conn)
+        return logged is not None and (stored is None or stored.id < logged[0])
+
+    def _restore_halt(self) -> None:
+        now = self.clock()
+        with write_tx(self.engine) as conn:
+            repaired = integrity.restore_open_halt(conn, self._sync_log(conn))
+            if repaired is None:
+                return
+            audit.append(conn, ts=now, event="state_repaired", actor="governance", detail=repaired)
+        log.error("halt %d is in the audit log but the halts table lost it (%s): restored, the mesh stays halted",
+                  repaired["halt_id"], repaired["problem"])
+
+    def _approved_in_log(self, proposal_id: int) -> bool:
+        with self.engine.connect() as conn:
+            found = self._sync_log(conn).proposals.get(proposal_id)
+        if found is None or found["status"] != prop.APPROVED:
+            log.error("proposal %d is approved in the table but not in the audit log: not applied (run "
+                      "`mesh audit verify`)", proposal_id)
+            return False
+        return True
+
     def _halted_in_store(self, conn) -> bool:
         return self.switch.is_halted or current_halt(conn) is not None
 
     # proposals and votes
 
+    def propose(self, msg: SignedMessage | None) -> ProposalView:
+        """Submit a proposal signed by a member or proposer; its author is the verified signer."""
+        if msg is None:
+            raise self.refuse_unsigned("propose")
+        with self._refusals("propose", msg.signer):
+            payload = self._verified(msg, ProposePayload, proposer_ok=True)
+            with write_tx(self.engine) as conn:
+                self._consume_nonce(conn, msg, self.clock())
+        return self.submit(payload.model_dump(exclude={"action"}), author=msg.signer)
+
     def submit(self, proposal: ProposalIn | dict, *, author: str) -> ProposalView:
-        """Validate, classify and store a proposal; accept or apply it at once when its tier allows."""
+        """Validate, classify and store a proposal by an author this process vouches for (remote ones: propose)."""
         with self._refusals("propose", author):
             try:
                 p = proposal if isinstance(proposal, ProposalIn) else ProposalIn.model_validate(proposal)
@@ -325,7 +415,7 @@ class Governance:
         if view.status != prop.OPEN:
             return view.status
         rule = self.policy.tiers[Tier(view.tier)]
-        decision = prop.decide(rule, required=view.required, members=len(self._keys), approvals=view.approvals,
+        decision = prop.decide(rule, required=view.required, members=len(self._voters), approvals=view.approvals,
                                rejections=view.rejections, sandbox=view.sandbox)
         if decision != prop.OPEN:
             prop.set_status(conn, proposal_id, decision, from_status=prop.OPEN, decided_at=now)
@@ -355,16 +445,38 @@ class Governance:
         """Revert every action marked for reverting whose handler is registered, newest first."""
         return self.runner.run_pending_reverts()
 
+    @property
+    def in_memory(self) -> bool:
+        """True for an in-memory SQLite store (one database per connection, so no worker threads)."""
+        url = self.engine.url
+        return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+    async def off_loop(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) in a worker thread, so a slow or locked store never stalls the event loop."""
+        if self.in_memory:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def watch_step(self) -> None:
+        """One round of watch(): halts and resumes of other processes, reverts, due actions, closed refusal windows."""
+        self.refresh()
+        self.run_pending_reverts()
+        self.apply_due()
+        if self.digest.due():
+            self.flush_refusals()
+
     async def watch(self, interval_s: float = 0.2) -> None:
-        """Forever: follow halts/resumes made by other processes, run pending reverts and due actions."""
-        while True:
-            try:
-                self.refresh()
-                self.run_pending_reverts()
-                self.apply_due()
-            except Exception:
-                log.exception("governance watch step failed")
-            await asyncio.sleep(interval_s)
+        """Forever, off the event loop: watch_step() every interval_s; on cancel, write the open refusal window."""
+        try:
+            while True:
+                try:
+                    await self.off_loop(self.watch_step)
+                except Exception:
+                    log.exception("governance watch step failed")
+                await asyncio.sleep(interval_s)
+        finally:
+            with contextlib.suppress(Exception):
+                self.flush_refusals(force=True)
 
     # phases
 
@@ -393,6 +505,15 @@ class Governance:
             return audit.rows(conn, limit=limit)
 
     def verify_audit(self) -> audit.VerifyResult:
-        """Walk the audit hash chain."""
+        """Walk the audit hash chain, check its signed head, and cross-check the state tables against it."""
         with self.engine.connect() as conn:
-            return audit.verify(conn)
+            chain = audit.verify(conn)
+            found = integrity.cross_check(conn, integrity.replay(conn), initial_phase=self.policy.initial_phase)
+        if not found:
+            return chain
+        lines = tuple(f"{m.table}: {m.problem}" + (f" (audit row {m.seq})" if m.seq else "") for m in found)
+        if not chain.ok:
+            return dataclasses.replace(chain, mismatches=lines)
+        first = next((m.seq for m in found if m.seq), None)
+        return audit.VerifyResult(ok=False, checked=chain.checked, first_bad_seq=first,
+                                  problem=f"state tables disagree with the audit log: {lines[0]}", mismatches=lines)

@@ -47,6 +47,16 @@ class ReplayedNonce(SignatureRefused):
     """The nonce was already used by this signer."""
 
 
+class Unsigned(SignatureRefused):
+    """A request that must be signed by a member key came without a signature."""
+
+
+class RoleForbidden(GovernanceError):
+    """The signer is a proposer, which may submit proposals but not halt, resume or vote."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
 class InvalidMessage(GovernanceError):
     """A signed message's payload is malformed or meant for another operation."""
 
@@ -89,6 +99,12 @@ class MeshHalted(GovernanceError):
 
 class NotHalted(GovernanceError):
     """A resume was sent while the mesh is not halted."""
+
+
+class Unreachable(GovernanceError):
+    """No governance service answered at the address given."""
+
+    grpc_code = "UNAVAILABLE"
 
 
 class ActionError(GovernanceError):

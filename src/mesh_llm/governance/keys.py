@@ -11,11 +11,19 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mesh_llm.errors import MeshError
 from mesh_llm.governance.errors import KeyStoreError
 from mesh_llm.governance.policy import NAME_PATTERN
 from mesh_llm.paths import mesh_home
 
 log = logging.getLogger(__name__)
+
+
+def require_private(path: Path, error: type[MeshError] = KeyStoreError) -> None:
+    """Refuse a secret file that group or others may read or write, naming the chmod that fixes it."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise error(f"{path} is readable by others (mode {mode:o}: group or world); run `chmod 600 {path}`")
 
 
 def keys_dir() -> Path:
@@ -64,8 +72,7 @@ def load_key(name: str) -> Ed25519PrivateKey:
     path = key_path(name)
     if not path.exists():
         raise KeyStoreError(f"no key named {name!r} in {path.parent}; create it with `mesh keys new {name}`")
-    if path.stat().st_mode & 0o077:
-        raise KeyStoreError(f"{path} is readable by others; run `chmod 600 {path}`")
+    require_private(path)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except ValueError as exc:

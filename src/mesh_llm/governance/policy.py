@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from importlib import resources
 import tomllib
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +55,7 @@ class PhaseRule(_Strict):
 
 class Signatures(_Strict):
     max_skew_s: float = Field(default=300.0, gt=0)  # older or newer messages are refused as stale
+    refusal_window_s: float = Field(default=60.0, gt=0)  # unauthenticated refusals: one grouped audit row per window
 
 
 class KillSwitch(_Strict):
@@ -100,6 +102,7 @@ class Member(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     public_key: str  # base64 of the 32 raw public-key bytes
+    role: Literal["member", "proposer"] = "member"  # a proposer signs proposals only and counts in no quorum
 
     @field_validator("public_key")
     @classmethod
@@ -127,17 +130,33 @@ class Members(_Strict):
         return self
 
 
-def governance_dir() -> Path:
-    """MESH_GOVERNANCE_DIR, else ./governance when it has a policy.toml, else MESH_HOME/governance (seeded)."""
+@dataclass(frozen=True, kw_only=True)
+class TrustRoot:
+    path: Path  # folder holding policy.toml and members.toml
+    source: str  # how it was chosen: "--governance", "MESH_GOVERNANCE_DIR" or "MESH_HOME"
+
+    def describe(self) -> str:
+        """One line naming the folder and why it was used."""
+        why = {"--governance": "given with --governance", "MESH_GOVERNANCE_DIR": "from $MESH_GOVERNANCE_DIR",
+               "MESH_HOME": "the default, MESH_HOME/governance"}[self.source]
+        return f"governance trust root: {self.path} ({why})"
+
+
+def trust_root(explicit: Path | None = None) -> TrustRoot:
+    """The governance folder: explicit, else $MESH_GOVERNANCE_DIR, else MESH_HOME/governance (seeded); never cwd."""
+    if explicit is not None:
+        return TrustRoot(path=Path(explicit).expanduser(), source="--governance")
     env = os.environ.get("MESH_GOVERNANCE_DIR")
     if env:
-        return Path(env).expanduser()
-    local = Path.cwd() / "governance"
-    if (local / "policy.toml").is_file():
-        return local
+        return TrustRoot(path=Path(env).expanduser(), source="MESH_GOVERNANCE_DIR")
     home = mesh_home() / "governance"
     seed_policy(home)
-    return home
+    return TrustRoot(path=home, source="MESH_HOME")
+
+
+def governance_dir(explicit: Path | None = None) -> Path:
+    """The folder trust_root(explicit) names."""
+    return trust_root(explicit).path
 
 
 def seed_policy(folder: Path) -> None:
@@ -186,10 +205,10 @@ def load_members(path: Path) -> list[Member]:
         raise _explain(path, exc) from None
 
 
-def add_member(path: Path, name: str, public_key: str) -> Member:
-    """Append a member to members.toml after checking it against the existing ones."""
+def add_member(path: Path, name: str, public_key: str, *, role: str = "member") -> Member:
+    """Append a member (or a proposer) to members.toml after checking it against the existing ones."""
     try:
-        member = Member(name=name, public_key=public_key.strip())
+        member = Member(name=name, public_key=public_key.strip(), role=role)
     except ValidationError as exc:
         raise MemberError(f"cannot add {name!r}: " + "; ".join(e["msg"] for e in exc.errors())) from None
     existing = load_members(path)
@@ -200,7 +219,8 @@ def add_member(path: Path, name: str, public_key: str) -> Member:
     path.parent.mkdir(parents=True, exist_ok=True)
     # name and key were validated against strict patterns, so this TOML needs no escaping
     with path.open("a") as fh:
-        fh.write(f'\n[[member]]\nname = "{member.name}"\npublic_key = "{member.public_key}"\n')
+        role_line = f'role = "{member.role}"\n' if member.role != "member" else ""
+        fh.write(f'\n[[member]]\nname = "{member.name}"\npublic_key = "{member.public_key}"\n{role_line}')
     load_members(path)
     log.info("added member %s to %s", member.name, path)
     return member

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, insert, select, update
 
 from mesh_llm.governance.policy import TierRule
@@ -28,6 +28,17 @@ class VotePayload(BaseModel):
     action: Literal["vote"]
     proposal_id: int
     choice: Literal["approve", "reject"]
+
+
+class ProposePayload(BaseModel):
+    """Payload of a signed proposal (its author is the signer); the fields are checked again as a ProposalIn."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["propose"]
+    kind: str
+    target: str
+    params: dict = Field(default_factory=dict)
+    rationale: str
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,12 +23,13 @@ class ActionRunner:
     """Runs handlers outside any transaction and records the outcome (and inverse) in the store."""
 
     def __init__(self, *, engine: Engine, registry: ActionRegistry, clock: Callable[[], float],
-                 is_halted: Callable[[], bool]) -> None:
-        """Apply through registry's handlers unless is_halted()."""
+                 is_halted: Callable[[], bool], confirmed: Callable[[int], bool] = lambda _pid: True) -> None:
+        """Apply through registry's handlers unless is_halted(); only proposals whose approval confirmed(id)."""
         self.engine = engine
         self.registry = registry
         self.clock = clock
         self.is_halted = is_halted
+        self.confirmed = confirmed
 
     def apply_due(self) -> list[int]:
         """Apply approved proposals whose timelock has passed and whose handler is registered."""
@@ -36,7 +37,8 @@ class ActionRunner:
             return []
         with self.engine.connect() as conn:
             due = prop.due(conn, self.clock())
-        return [row.id for row in due if self.registry.handler(row.kind) and self._apply(row)]
+        return [row.id for row in due
+                if self.registry.handler(row.kind) and self.confirmed(row.id) and self._apply(row)]
 
     def _apply(self, row) -> bool:
         handler = self.registry.handler(row.kind)

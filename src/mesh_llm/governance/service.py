@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import json
 import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import OperationalError
 
 from mesh_llm.governance import convert
 from mesh_llm.governance.core import Governance
@@ -35,62 +34,61 @@ class GovernanceServicer(pb_grpc.GovernanceServicer):
             return await result if inspect.isawaitable(result) else result
         except GovernanceError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), f"{type(exc).__name__}: {exc}")
+        except OperationalError as exc:  # e.g. SQLite still locked by another writer after its busy timeout
+            log.warning("governance store unavailable: %s", exc.orig)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the governance store is busy or unreachable "
+                                f"({exc.orig}); sign and send it again")
+
+    async def _store(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):
+        """fn on the store in a worker thread (see Governance.off_loop); a refusal becomes a status code."""
+        return await self._call(context, self.gov.off_loop, fn, *args, **kwargs)
 
     async def HaltMesh(self, request, context):  # noqa: N802
         """Halt the mesh on a signed halt; stored off the event loop, so streams stop while it is written."""
-        msg = convert.signed_from_pb(request)
-        url = self.gov.engine.url
-        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):  # one in-memory DB per thread
-            state = await self._call(context, self.gov.halt, msg)
-        else:  # Governance.halt sets the switch before it writes; waiters on this loop wake at once
-            state = await self._call(context, asyncio.to_thread, self.gov.halt, msg)
+        state = await self._store(context, self.gov.halt, convert.signed_from_pb(request))
         return convert.halt_to_pb(state)
 
     async def ResumeMesh(self, request, context):  # noqa: N802
         """Count a signed resume vote."""
-        state = await self._call(context, self.gov.resume, convert.signed_from_pb(request))
+        state = await self._store(context, self.gov.resume, convert.signed_from_pb(request))
         return convert.halt_to_pb(state)
 
     async def GetHaltState(self, request, context):  # noqa: N802
         """Current halt state."""
-        return convert.halt_to_pb(self.gov.halt_state())
+        return convert.halt_to_pb(await self._store(context, self.gov.halt_state))
 
     async def SubmitProposal(self, request, context):  # noqa: N802
-        """Submit a structured proposal."""
-        try:
-            params = json.loads(request.params_json or "{}")
-        except json.JSONDecodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params_json is not JSON: {exc}")
-        proposal = {"kind": request.kind, "target": request.target, "params": params, "rationale": request.rationale}
-        view = await self._call(context, self.gov.submit, proposal, author=request.author or context.peer())
+        """Submit a proposal signed by a member or proposer key; the author is the signer, never a request field."""
+        signed = convert.signed_from_pb(request.signed) if request.HasField("signed") else None
+        view = await self._store(context, self.gov.propose, signed)
         return convert.proposal_to_pb(view)
 
     async def ListProposals(self, request, context):  # noqa: N802
         """Proposals, newest first."""
-        views = self.gov.proposals(request.status or None)
+        views = await self._store(context, self.gov.proposals, request.status or None)
         return pb.ListProposalsReply(proposals=[convert.proposal_to_pb(v) for v in views])
 
     async def GetProposal(self, request, context):  # noqa: N802
         """One proposal."""
-        return convert.proposal_to_pb(await self._call(context, self.gov.proposal, request.id))
+        return convert.proposal_to_pb(await self._store(context, self.gov.proposal, request.id))
 
     async def CastVote(self, request, context):  # noqa: N802
         """Count a signed vote."""
-        view = await self._call(context, self.gov.vote, convert.signed_from_pb(request))
+        view = await self._store(context, self.gov.vote, convert.signed_from_pb(request))
         return convert.proposal_to_pb(view)
 
     async def GetPhase(self, request, context):  # noqa: N802
         """Current phase."""
-        info = self.gov.phase()
+        info = await self._store(context, self.gov.phase)
         return pb.PhaseState(phase=info.phase, description=info.rule.description,
                              tiers=[t.value for t in info.rule.tiers], features=info.rule.features)
 
     async def GetAudit(self, request, context):  # noqa: N802
         """Audit rows and, when asked, the chain check."""
-        rows = self.gov.audit_rows(request.limit or None)
+        rows = await self._store(context, self.gov.audit_rows, request.limit or None)
         reply = pb.GetAuditReply(rows=[convert.audit_to_pb(r) for r in rows])
         if request.verify:
-            reply.verification.CopyFrom(convert.verify_to_pb(self.gov.verify_audit()))
+            reply.verification.CopyFrom(convert.verify_to_pb(await self._store(context, self.gov.verify_audit)))
         return reply
 
 

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh_llm.agent import service as agent_service
+from mesh_llm.errors import MeshError
 from mesh_llm.governance import service as governance_service
 from mesh_llm.governance.core import Governance
+from mesh_llm.governance.keys import require_private
 from mesh_llm.grpc_util import add_health_and_reflection, bind, new_server, set_serving
 from mesh_llm.invite import Invite, encode_invite, new_secret
 from mesh_llm.paths import mesh_home
@@ -37,7 +39,7 @@ class RouterConfig:
     advertise: str | None = None  # host:port put into the invite token; default host:port bound
     settings: MeshSettings = field(default_factory=MeshSettings)  # generation defaults
     registry: RegistryConfig = field(default_factory=RegistryConfig)  # heartbeat and failure rules
-    governance_dir: Path | None = None  # policy.toml and members.toml; None = policy.governance_dir()
+    governance_dir: Path | None = None  # trust root; None = $MESH_GOVERNANCE_DIR, else MESH_HOME/governance
     governance_poll_s: float = 0.2  # how often halts, resumes and due actions from other processes are picked up
     halt_grace_s: float = 0.5  # Generate calls still running this long after a halt are cancelled
 
@@ -73,12 +75,13 @@ class RunningRouter:
 
 
 def saved_secret() -> str:
-    """The mesh secret kept in MESH_HOME/mesh_secret, created (mode 0600) on first use."""
+    """The mesh secret in MESH_HOME/mesh_secret, made (0600) on first use; refused when others can read it."""
     path = mesh_home() / "mesh_secret"
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(new_secret())
+    require_private(path, MeshError)
     return path.read_text().strip()
 
 
@@ -110,7 +113,7 @@ async def start_router(config: RouterConfig) -> RunningRouter:
     await set_serving(health, SERVICES, True)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     invite = encode_invite(Invite(router=config.advertise or f"{host}:{port}", secret=secret))
-    tasks = [asyncio.create_task(_sweep(registry)),
+    tasks = [asyncio.create_task(_sweep(registry, governance)),
              asyncio.create_task(governance.watch(config.governance_poll_s))]
     if governance.switch.is_halted:
         log.warning("router starts HALTED (%s): a quorum of `mesh resume` votes lifts it", governance.switch.reason)
@@ -119,7 +122,7 @@ async def start_router(config: RouterConfig) -> RunningRouter:
                          invite=invite, tasks=tasks, health=health)
 
 
-async def _sweep(registry: Registry) -> None:
+async def _sweep(registry: Registry, governance: Governance) -> None:
     while True:
         await asyncio.sleep(registry.config.sweep_interval_s)
-        registry.sweep()
+        await governance.off_loop(registry.sweep)  # its store write may wait on a lock: never on the event loop
