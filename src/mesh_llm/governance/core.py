@@ -65,6 +65,7 @@ class Governance:
         self._switch_lock = threading.RLock()  # a halt or resume in this process owns the switch until it is stored
         self._log_lock = threading.Lock()
         self._repair = repair
+        self._unconfirmed: set[int] = set()  # table-only approvals already reported
         self.members_path = members_path
         self.digest = RefusalDigest(window_s=policy.signatures.refusal_window_s, clock=clock)
         self.runner = ActionRunner(engine=engine, registry=self.registry, clock=clock,
@@ -300,8 +301,10 @@ class Governance:
         with self.engine.connect() as conn:
             found = self._sync_log(conn).proposals.get(proposal_id)
         if found is None or found["status"] != prop.APPROVED:
-            log.error("proposal %d is approved in the table but not in the audit log: not applied (run "
-                      "`mesh audit verify`)", proposal_id)
+            if proposal_id not in self._unconfirmed:  # once per proposal, not every watch round
+                self._unconfirmed.add(proposal_id)
+                log.error("proposal %d is approved in the table but not in the audit log: not applied (run "
+                          "`mesh audit verify`)", proposal_id)
             return False
         return True
 

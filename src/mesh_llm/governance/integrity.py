@@ -213,8 +213,7 @@ def _check_records(table: str, label: str, rows: dict, logged: dict, *, state_co
         want = logged.get(key)
         if want is None:
             continue
-        have = [getattr(row, f) for f in fields]
-        have = [json.loads(v) if f in ("params", "inverse") else v for f, v in zip(fields, have)]
+        have = [json.loads(getattr(row, f)) if f in ("params", "inverse") else getattr(row, f) for f in fields]
         if have != [want[f] for f in fields]:
             found.append(Mismatch(table=table, seq=want["seq"], problem=f"{label} {key} was edited"))
         state_now, state_logged = getattr(row, state_col), want[state_col]
