@@ -25,7 +25,9 @@ from mesh_llm.agent.schema import OutputProblem, check
 from mesh_llm.agent.tasks import ROTATION, TASK_TYPES, TaskStore
 from mesh_llm.agent.testing import governance_folder
 from mesh_llm.expert.server import ExpertConfig, resolve_join, start_expert
+from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
+from mesh_llm.governance.policy import add_member
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.router.server import RouterConfig, start_router
 
@@ -56,6 +58,7 @@ async def run(args) -> int:
     models = load_models(args.model, args.experts, workdir)
     os.environ["MESH_HOME"] = str(workdir / "home")  # keys, tokenizers and the store of this run only
     gov_dir = governance_folder(workdir / "gov", phase=args.phase, source=REPO_GOV)
+    add_member(gov_dir / "members.toml", "agent", keys.new_key("agent"), role="proposer")  # signs the proposals
     db = f"sqlite:///{workdir / 'mesh.db'}"
     router = await start_router(RouterConfig(port=0, db_url=db, secret="validity", governance_dir=gov_dir))
     experts = []
