@@ -136,8 +136,8 @@ def _record_steps(running) -> list[tuple[int, float]]:
     log: list[tuple[int, float]] = []
     original = engine.step
 
-    def step(session_id, start, tokens, top_k, all_positions):
-        result = original(session_id, start, tokens, top_k, all_positions)
+    def step(session_id, start, tokens, *rest, **options):
+        result = original(session_id, start, tokens, *rest, **options)
         log.append((len(tokens), result.compute_ms))
         return result
 
