@@ -89,6 +89,7 @@ async def start_expert(config: ExpertConfig, loaded: LoadedModel | None = None) 
     if loaded is None:
         loaded = await asyncio.to_thread(_fetch_and_load, config)
     engine = StepEngine(loaded, config.limits)
+    engine.max_reply_bytes = config.max_message_bytes  # oversized replies are refused before computing
     service = ExpertService(engine, delay_ms=config.delay_ms)
     server = new_server(config.max_message_bytes)
     expert_pb2_grpc.add_ExpertServicer_to_server(service, server)
