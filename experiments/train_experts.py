@@ -58,7 +58,7 @@ def run_train(args: argparse.Namespace) -> None:
             continue
         result = finetune_expert(ExpertJob(name=name, corpus=domain, train=config, resume=args.resume,
                                            force=args.force))
-        summary.append({k: str(v) for k, v in asdict(result).items()})
+        summary.append({k: str(v) if k == "checkpoint" else v for k, v in asdict(result).items()})
         print(json.dumps(summary[-1]), flush=True)
     (mesh_home() / "finetune" / "summary.json").write_text(json.dumps(summary, indent=1))
 
