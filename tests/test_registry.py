@@ -154,9 +154,10 @@ def test_state_survives_reopening(url, clock):
     assert (ra.name, ra.weight, ra.tokens_served, ra.rtt_ms) == ("alpha", 2.5, 5, 30.0)
     assert ra.eos_token_ids == (2, 7)
     assert rb.state == "quarantined"
-    # not heard from since the restart: not selected until it heartbeats
+    # not checked since the restart: never selected, and told to register again (so it is checked) on a heartbeat
     assert ra.state == "suspect" and second.candidates() == []
-    assert second.heartbeat(a) and [c.expert_id for c in second.candidates()] == [a]
+    assert not second.heartbeat(a) and second.candidates() == []
+    assert second.register("127.0.0.1:5001", SPEC) == a and [c.expert_id for c in second.candidates()] == [a]
     assert second.register("127.0.0.1:5002", SPEC) == b
 
 

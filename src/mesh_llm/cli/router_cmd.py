@@ -39,6 +39,10 @@ def serve(
     mix: str = typer.Option("linear", help="Default aggregation: linear or geometric."),
     top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
     deadline_s: float = typer.Option(10.0, help="Longest wait for one token's expert replies."),
+    extra: int = typer.Option(1, help="Default straggler over-selection: ask K+extra experts, mix the first K "
+                              "good replies (seeded requests ask exactly K unless they name --extra)."),
+    family: str = typer.Option("", help="Tokenizer fingerprint (64 hex digits, as /v1/models shows it) mixed when "
+                               "a request names none (default: the family of the first expert checked)."),
     draft: str = typer.Option("none", help="Default " + DRAFT_HELP[0].lower() + DRAFT_HELP[1:]),
     draft_max: int = typer.Option(8, help="Most tokens drafted per round (the draft length adapts within 1..this)."),
     posterior_temperature: float = typer.Option(0.1, help="Policy posterior: nats/token of context likelihood "
@@ -65,7 +69,8 @@ def serve(
 
         settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
                                 step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max,
-                                posterior_temperature=posterior_temperature, posterior_floor=posterior_floor)
+                                posterior_temperature=posterior_temperature, posterior_floor=posterior_floor,
+                                default_extra=extra, family=family.strip().lower())
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
                                                   settings=settings))
         api = None
@@ -128,7 +133,8 @@ def generate(
     seed: int = typer.Option(None, help="Seed for selection and sampling (reproducible runs)."),
     max_tokens: int = typer.Option(128, help="Completion cap."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-    extra: int = typer.Option(0, help="Over-select this many stragglers (ask K+extra, use the first K)."),
+    extra: int = typer.Option(None, help="Over-select this many stragglers (ask K+extra, use the first K; "
+                              "default: the router's, 0 with --seed)."),
     draft: str = typer.Option("", help=DRAFT_HELP + " Default: the router's."),
     draft_max: int = typer.Option(0, help="Most tokens drafted per round, 1..16 (0: router default)."),
     raw: bool = typer.Option(False, help="Send the prompt as is, without the chat template."),
@@ -141,10 +147,12 @@ def generate(
 
     address = _router(router)
     fields = dict(prompt=prompt, k=k, policy=policy, mix=mix, top_k=top_k, temperature=temperature, top_p=top_p,
-                  sample_top_k=sample_top_k, max_tokens=max_tokens, stop=stop, extra=extra, chat=not raw,
+                  sample_top_k=sample_top_k, max_tokens=max_tokens, stop=stop, chat=not raw,
                   draft=draft, draft_max=draft_max)
     if seed is not None:
         fields["seed"] = seed
+    if extra is not None:
+        fields["extra"] = extra
     request = router_pb2.GenerateRequest(**fields)
 
     async def run():

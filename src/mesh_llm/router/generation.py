@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from mesh_llm.router.drafting import (Draft, DraftMismatch, DraftModels, DraftSp
 from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.posterior import POSTERIOR_POLICIES, PosteriorTracker, mixing_weights
-from mesh_llm.router.registry import Registry
+from mesh_llm.router.registry import ONLINE, SUSPECT, ExpertRecord, Registry
 from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker
 from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
 from mesh_llm.router.settings import MeshSettings
@@ -32,6 +33,7 @@ from mesh_llm.router.tokenizers import TokenizerCache
 
 log = logging.getLogger(__name__)
 PREFILL_DEADLINE_FACTOR = 3.0
+MAX_STEP_DEADLINE_S = 3600.0  # a longer per-token deadline is refused
 
 
 class GenerationError(StatusError):
@@ -74,8 +76,16 @@ def plan_from_request(request: router_pb2.GenerateRequest, settings: MeshSetting
     top_k = request.top_k or settings.default_top_k
     if not 1 <= top_k <= 4096:
         raise GenerationError("INVALID_ARGUMENT", f"top_k {top_k} is out of range; use 1..4096")
-    return Plan(k=request.k or settings.default_k, k_explicit=request.k > 0, extra=request.extra or settings.default_extra, policy=policy,
-                rule=rule, fill=fill, top_k=top_k, deadline_s=request.step_deadline_s or settings.step_deadline_s,
+    deadline_s = request.step_deadline_s or settings.step_deadline_s
+    if not 0 < deadline_s <= MAX_STEP_DEADLINE_S:  # NaN fails this too
+        raise GenerationError("INVALID_ARGUMENT", f"step_deadline_s {deadline_s} is out of range; use a number of "
+                              f"seconds in (0, {MAX_STEP_DEADLINE_S:g}], or 0 for the router default")
+    if request.HasField("extra"):
+        extra = request.extra
+    else:  # which K replies arrive first is a race: a seeded (reproducible) request waits for the K it ranked
+        extra = 0 if request.HasField("seed") else settings.default_extra
+    return Plan(k=request.k or settings.default_k, k_explicit=request.k > 0, extra=extra, policy=policy,
+                rule=rule, fill=fill, top_k=top_k, deadline_s=deadline_s,
                 max_tokens=request.max_tokens or settings.default_max_tokens, sampling=sampling,
                 seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
                 trace=request.trace, draft=draft, draft_max=draft_max)
@@ -100,6 +110,7 @@ class Generation:
                  tokenizers: TokenizerCache, settings: MeshSettings, halt: asyncio.Event | None = None,
                  draft_models: DraftModels | None = None):
         self.request = request
+        self.settings = settings
         self.draft_models = draft_models or DraftModels()
         self.registry = registry
         self.pool = pool
@@ -130,14 +141,17 @@ class Generation:
         if unknown:
             raise GenerationError("NOT_FOUND", f"unknown expert id(s) {', '.join(sorted(unknown))}; "
                                   "see `mesh status`")
-        candidates = self._allowed(self.registry.candidates())
+        candidates = self._allowed(self.registry.candidates())  # online experts whose Info and tokenizer were checked
         if not candidates:
             raise GenerationError("UNAVAILABLE", "no experts online; start one with "
                                   "`mesh-expert serve --join <token>` (the router printed the token)")
-        wanted = self.request.model_family or None
+        wanted = self.request.model_family or self.settings.family or self.tokenizers.first_family or None
         family = pick_family(candidates, wanted)
         if not family:
-            raise GenerationError("NOT_FOUND", f"no online expert has tokenizer family {wanted}; "
+            pinned = "" if self.request.model_family else (
+                " (the router's family: `mesh router serve --family`, else the first expert checked; name another "
+                "with model_family)")
+            raise GenerationError("NOT_FOUND", f"no online expert has tokenizer family {wanted}{pinned}; "
                                   "see `mesh status` for the families online")
         self.fingerprint = family[0].tokenizer_fingerprint
         others = len(candidates) - len(family)
@@ -145,25 +159,27 @@ class Generation:
         if others:
             self.notes.append(f"{others} online expert(s) of another tokenizer family not mixed")
         records = [r for r in self.registry.experts() if r.tokenizer_fingerprint == self.fingerprint
-                   and r.state != "gone" and (not self.allow or r.expert_id in self.allow)]
-        if self.plan.k > len(records) and not self.plan.k_explicit:
-            self.notes.append(f"default k={self.plan.k} shrunk to the {len(records)} expert(s) in the mesh")
-            self.plan = dataclasses.replace(self.plan, k=len(records))
-        if self.plan.k > len(records):
-            raise GenerationError("INVALID_ARGUMENT", f"k={self.plan.k} but this tokenizer family has only "
-                                  f"{len(records)} expert(s) in the mesh; use --k {len(records)} or fewer")
-        if self.plan.top_k > min(r.max_top_k for r in records):
-            raise GenerationError("INVALID_ARGUMENT", f"top_k {self.plan.top_k} exceeds what these experts "
-                                  f"serve ({min(r.max_top_k for r in records)})")
-        self.vocab_size = max(r.vocab_size for r in records)
-        self.context_limit = min(r.context_limit for r in records)
-        self.eos_ids = set().union(*(r.eos_token_ids for r in records))
+                   and r.state in (ONLINE, SUSPECT) and self.registry.checked(r.expert_id)
+                   and (not self.allow or r.expert_id in self.allow)]
+        # limits come from experts that answered Steps (else from checked Info): a fake cannot set them for all
+        trusted = [r for r in records if self.registry.answered(r.expert_id)] or records
         first = self.registry.get(family[0].expert_id)
         try:
             self.tokenizer = await self.tokenizers.get(self.fingerprint, self.pool.stub(first.address))
         except Exception as exc:
             raise GenerationError("UNAVAILABLE", f"could not get the tokenizer from expert {first.expert_id}: "
                                   f"{exc}") from None
+        # the vocabulary size most of them report (the smallest on a tie), never one below the tokenizer's
+        sizes = Counter(r.vocab_size for r in trusted if r.vocab_size >= len(self.tokenizer))
+        self.vocab_size = min(sizes, key=lambda v: (-sizes[v], v)) if sizes else max(r.vocab_size for r in trusted)
+        voters = [r for r in trusted if r.vocab_size == self.vocab_size] or trusted
+        votes = Counter(t for r in voters for t in set(r.eos_token_ids))
+        self.eos_ids = {t for t, n in votes.items() if 2 * n > len(voters)}  # EOS ids most of them report
+        usable = [r for r in records if r.vocab_size == self.vocab_size]
+        serving = [r for r in usable if r.max_top_k >= self.plan.top_k]
+        if not serving:
+            raise GenerationError("INVALID_ARGUMENT", f"top_k {self.plan.top_k} exceeds what these experts "
+                                  f"serve ({max(r.max_top_k for r in usable)})")
         self.constraint = None
         if self.request.json_schema:
             try:
@@ -175,6 +191,20 @@ class Generation:
         self.prompt_ids = self._tokenize(self.request.prompt, self.request.chat)
         if not self.prompt_ids:
             raise GenerationError("INVALID_ARGUMENT", "the prompt is empty")
+        self._fit(serving, len(records) - len(serving))
+        self.drafter = await self._drafter()
+        self.gamma = GammaController(self.plan.draft_max) if self.drafter else None
+
+    def _fit(self, serving: list[ExpertRecord], left_out: int) -> None:
+        """Settle k, the context limit and max_tokens; keep only the experts that can serve the whole generation."""
+        if self.plan.k > len(serving) and not self.plan.k_explicit:
+            self.notes.append(f"default k={self.plan.k} shrunk to the {len(serving)} expert(s) in the mesh")
+            self.plan = dataclasses.replace(self.plan, k=len(serving))
+        if self.plan.k > len(serving):
+            raise GenerationError("INVALID_ARGUMENT", f"k={self.plan.k} but this tokenizer family has only "
+                                  f"{len(serving)} expert(s) in the mesh; use --k {len(serving)} or fewer")
+        # the k-th largest context limit: k experts can hold the whole generation, one small claim clips nothing
+        self.context_limit = sorted((r.context_limit for r in serving), reverse=True)[self.plan.k - 1]
         room = self.context_limit - len(self.prompt_ids)
         if room < 1:
             raise GenerationError("INVALID_ARGUMENT", f"the prompt has {len(self.prompt_ids)} tokens but the "
@@ -182,8 +212,12 @@ class Generation:
         self.max_tokens = min(self.plan.max_tokens, room)
         if self.max_tokens < self.plan.max_tokens:
             self.notes.append(f"max_tokens clipped to {self.max_tokens} by the context limit")
-        self.drafter = await self._drafter()
-        self.gamma = GammaController(self.plan.draft_max) if self.drafter else None
+        need = len(self.prompt_ids) + self.max_tokens
+        self.usable = {r.expert_id for r in serving if r.context_limit >= need}
+        left_out += len(serving) - len(self.usable)
+        if left_out:
+            self.notes.append(f"{left_out} expert(s) of this family left out: their vocabulary, top-k or context "
+                              "limit cannot serve this request")
 
     async def _drafter(self) -> NgramDrafter | ModelDrafter | None:
         spec = self.plan.draft
@@ -296,11 +330,12 @@ class Generation:
                                      held=state.held.get(candidate.expert_id, 0), top_k=self.plan.top_k,
                                      timeout=timeout, positions=positions, score_upto=score_upto)
 
-        results = await gather_replies(ranked, k=len(ranked) if ask_all else self.plan.k,
-                                       extra=0 if ask_all else self.plan.extra, deadline_s=deadline,
-                                       halt=self.halt, call=call)
+        wanted = len(ranked) if ask_all else self.plan.k
+        results = await gather_replies(ranked, k=wanted, extra=0 if ask_all else self.plan.extra,
+                                       deadline_s=deadline, halt=self.halt, call=call)
         t1 = time.perf_counter()
-        answered = self._account(results, state)
+        answered = self._account(results, state, timed_out=sum(r.ok for r in results) < wanted,
+                                 deadline_ms=deadline * 1000)
         if tracker is not None:
             for r in answered:
                 tracker.record(r.expert_id, r.score_from, r.scores)
@@ -391,7 +426,7 @@ class Generation:
 
     def _rank(self, state: _State) -> list[Candidate]:
         family = [c for c in self._allowed(self.registry.candidates())
-                  if c.tokenizer_fingerprint == self.fingerprint]
+                  if c.tokenizer_fingerprint == self.fingerprint and c.expert_id in self.usable]
         context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]),
                               posterior=self.tracker.posterior() if self.tracker is not None else None)
         return self.policy.select(family, len(family), self.rng, context)
@@ -403,8 +438,9 @@ class Generation:
     def _weight(self, expert_id: str) -> float:
         return self.registry.get(expert_id).weight
 
-    def _account(self, results: list[CallResult], state: _State) -> list[CallResult]:
-        """The good replies in arrival order; failures are recorded and their sessions forgotten."""
+    def _account(self, results: list[CallResult], state: _State, *, timed_out: bool, deadline_ms: float
+                 ) -> list[CallResult]:
+        """The good replies in arrival order; failures are recorded (a reply missing the deadline is one)."""
         answered = []
         calls = self.metrics.expert_calls
         for r in results:
@@ -415,6 +451,10 @@ class Generation:
             elif r.outcome != "late":
                 state.held.pop(r.expert_id, None)
                 self.registry.record_failure(r.expert_id, r.outcome)
+            elif timed_out:  # the round waited the whole deadline for it: a failure that cost the deadline
+                self.registry.record_failure(r.expert_id, "late", rtt_ms=deadline_ms)
+            else:  # not waited for (K others answered first): no failure, though it may never answer
+                self.registry.record_wait(r.expert_id, r.latency_ms)
         return answered
 
     def _choose(self, answered: list[CallResult]) -> tuple[list[CallResult], list[float]]:
@@ -437,3 +477,4 @@ class Generation:
             task = asyncio.ensure_future(stub.CloseSession(
                 expert_pb2.CloseSessionRequest(session_id=self.session_id), timeout=5))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+

@@ -10,6 +10,14 @@ intervals, or `max_failures` consecutive failures; not selected), quarantined (s
 operator; never selected, kept across re-registration), gone (silent for `gone_after_s`; must
 register again). A failure-suspect expert that still heartbeats gets one more chance after
 `failure_cooldown_s` (a half-open circuit breaker).
+
+Trust: `register` is called only after the router checked the expert (its Info answered from the
+address, its tokenizer files hashed to its fingerprint); records loaded from the database are not
+checked in this process, are never selected, and are told to register again on their next heartbeat.
+An address is bound to the identity (derived from the expert's key) of its first registrant until its
+record is gone: another identity can neither re-register it nor heartbeat or deregister it. Which
+experts have answered a Step since they registered is kept too, so generation limits can be taken
+from experts that proved they serve.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ ONLINE, SUSPECT, QUARANTINED, GONE = "online", "suspect", "quarantined", "gone"
 
 class UnknownExpert(MeshError, KeyError):
     """An expert id the registry has never seen."""
+
+
+class AddressTaken(MeshError):
+    """An address bound to another registrant's identity (its record is not gone)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +136,10 @@ class Registry:
         with engine.connect() as conn:
             self._rows = {r.expert_id: _from_db(r) for r in conn.execute(select(experts))}
         self._by_address = {row["address"]: eid for eid, row in self._rows.items()}
+        self._owners: dict[str, str] = {}  # address -> identity of the registrant it is bound to
+        self._checked: set[str] = set()  # experts registered (so checked) by this process
+        self._answered: set[str] = set()  # experts with a good Step reply since they registered
+        self._unanswered: dict[str, int] = {}  # stragglers not waited for since their last good reply
         now = self.clock()
         self._since = {eid: now for eid in self._rows}  # when each expert entered its current state
         for row in self._rows.values():
@@ -134,11 +150,12 @@ class Registry:
 
     # registration and heartbeats -------------------------------------------------------------
 
-    def register(self, address: str, spec: ExpertSpec, *, name: str = "") -> str:
-        """Add an expert, or refresh the one already at address; return its id."""
+    def register(self, address: str, spec: ExpertSpec, *, name: str = "", identity: str = "") -> str:
+        """Add a checked expert, or refresh the one at address; its id, or AddressTaken for another identity."""
         now = self.clock()
         with self._lock:
             expert_id = self._by_address.get(address)
+            self._check_owner(address, expert_id, identity)
             fresh = expert_id is None
             if fresh:
                 expert_id = f"e-{uuid.uuid4().hex[:12]}"
@@ -154,6 +171,10 @@ class Registry:
                 self._set_state(row, ONLINE, now)
             self._rows[expert_id] = row
             self._by_address[address] = expert_id
+            self._owners[address] = identity
+            self._checked.add(expert_id)
+            self._answered.discard(expert_id)  # it proves itself again with this Info
+            self._unanswered.pop(expert_id, None)
             self._dirty.discard(expert_id)
             snapshot = _to_db(row)
         with self.engine.begin() as conn:
@@ -165,11 +186,11 @@ class Registry:
         return expert_id
 
     def heartbeat(self, expert_id: str, *, active_sessions: int | None = None, tokens_per_second: float | None = None) -> bool:
-        """Note that an expert is alive; False when it is unknown or gone and must register again."""
+        """Note that an expert is alive; False when it is unknown, gone or unchecked and must register again."""
         now = self.clock()
         with self._lock:
             row = self._rows.get(expert_id)
-            if row is None or row["state"] == GONE:
+            if row is None or row["state"] == GONE or expert_id not in self._checked:
                 return False
             row["last_seen"] = now
             if active_sessions is not None:
@@ -180,6 +201,20 @@ class Registry:
                 self._maybe_recover(row, now)
             self._dirty.add(expert_id)
             return True
+
+    def check_address(self, address: str, identity: str) -> None:
+        """AddressTaken when address is bound to another identity and its record is not gone."""
+        with self._lock:
+            self._check_owner(address, self._by_address.get(address), identity)
+
+    def owned_by(self, expert_id: str, identity: str) -> bool:
+        """Whether identity may act for this expert (it registered it, or nobody did in this process)."""
+        with self._lock:
+            row = self._rows.get(expert_id)
+            if row is None:
+                return True  # unknown ids are answered as unknown, not as someone else's
+            owner = self._owners.get(row["address"])
+            return owner is None or owner == identity
 
     def deregister(self, expert_id: str, reason: str = "") -> bool:
         """Mark an expert that is leaving on purpose gone at once; False when the id is unknown."""
@@ -201,20 +236,22 @@ class Registry:
         """Count a good Step reply: update the smoothed RTT, reset failures, add served tokens."""
         with self._lock:
             row = self._row(expert_id)
-            old = row["rtt_ms"]
-            alpha = self.config.rtt_alpha
-            row["rtt_ms"] = float(rtt_ms) if old is None else (1 - alpha) * old + alpha * float(rtt_ms)
+            self._add_rtt(row, rtt_ms)
             row["failures"] = 0
             row["tokens_served"] += int(tokens)
+            self._answered.add(expert_id)
+            self._unanswered.pop(expert_id, None)
             row["last_seen"] = now = self.clock()
             if row["state"] == SUSPECT:
                 self._set_state(row, ONLINE, now)
             self._dirty.add(expert_id)
 
-    def record_failure(self, expert_id: str, kind: str) -> None:
-        """Count a failed or rejected Step reply; after max_failures in a row the expert is suspect."""
+    def record_failure(self, expert_id: str, kind: str, rtt_ms: float | None = None) -> None:
+        """Count a failed, rejected or late Step reply (rtt_ms: the time it cost); max_failures in a row: suspect."""
         with self._lock:
             row = self._row(expert_id)
+            if rtt_ms is not None:
+                self._add_rtt(row, rtt_ms)
             row["failures"] += 1
             row["last_failure"] = kind[:200]
             if row["state"] == ONLINE and row["failures"] >= self.config.max_failures:
@@ -222,8 +259,27 @@ class Registry:
                 log.warning("expert %s suspect after %d failures (last: %s)", expert_id, row["failures"], kind)
             self._dirty.add(expert_id)
 
+    def record_wait(self, expert_id: str, waited_ms: float) -> None:
+        """A straggler not waited for: no failure; unmeasured and missing max_failures in a row, waited_ms is its RTT."""
+        with self._lock:
+            row = self._row(expert_id)
+            missed = self._unanswered[expert_id] = self._unanswered.get(expert_id, 0) + 1
+            if row["rtt_ms"] is None and missed >= self.config.max_failures:
+                row["rtt_ms"] = float(waited_ms)
+                self._dirty.add(expert_id)
+
+    def checked(self, expert_id: str) -> bool:
+        """Whether this process registered (so checked) the expert."""
+        with self._lock:
+            return expert_id in self._checked
+
+    def answered(self, expert_id: str) -> bool:
+        """Whether the expert gave a good Step reply since it registered."""
+        with self._lock:
+            return expert_id in self._answered
+
     def candidates(self) -> list[Candidate]:
-        """Online experts as selection candidates (RTT NaN while unmeasured)."""
+        """Online checked experts as selection candidates (RTT NaN while unmeasured)."""
         with self._lock:
             return [
                 Candidate(
@@ -234,7 +290,7 @@ class Registry:
                     tokenizer_fingerprint=row["tokenizer_fingerprint"],
                 )
                 for eid, row in self._rows.items()
-                if row["state"] == ONLINE
+                if row["state"] == ONLINE and eid in self._checked
             ]
 
     # operator actions -----------------------------------------------------------------------
@@ -321,6 +377,18 @@ class Registry:
         if row is None:
             raise UnknownExpert(f"no expert {expert_id!r} in the registry")
         return row
+
+    def _check_owner(self, address: str, expert_id: str | None, identity: str) -> None:
+        owner = self._owners.get(address)
+        if expert_id is None or owner is None or owner == identity or self._rows[expert_id]["state"] == GONE:
+            return
+        raise AddressTaken(f"{address} is registered to expert {expert_id} by another key; an expert re-registers "
+                           "with the key it registered with, and a new one serves on an address of its own")
+
+    def _add_rtt(self, row: dict, rtt_ms: float) -> None:
+        old = row["rtt_ms"]
+        alpha = self.config.rtt_alpha
+        row["rtt_ms"] = float(rtt_ms) if old is None else (1 - alpha) * old + alpha * float(rtt_ms)
 
     def _set_state(self, row: dict, state: str, now: float) -> None:
         if row["state"] != state:

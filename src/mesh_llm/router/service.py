@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import time
@@ -11,20 +12,25 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh_llm.errors import MeshError
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.errors import MeshHalted
 from mesh_llm.governance.killswitch import HaltSwitch
-from mesh_llm.pb import router_pb2, router_pb2_grpc
+from mesh_llm.grpc_util import channel
+from mesh_llm.pb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from mesh_llm.router.drafting import DraftModels
 from mesh_llm.router.generation import Generation, GenerationError
 from mesh_llm.router.pool import ExpertPool
-from mesh_llm.router.registry import ExpertSpec, Registry
+from mesh_llm.router.registry import AddressTaken, ExpertSpec, Registry
 from mesh_llm.router.scoring import ScoringError, score_request
 from mesh_llm.router.settings import MeshSettings
-from mesh_llm.router.tokenizers import TokenizerCache
+from mesh_llm.router.tokenizers import TokenizerCache, TokenizerMismatch
 
 log = logging.getLogger(__name__)
+INFO_TIMEOUT_S = 3.0  # a registering address must answer Info within this
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
 class HaltSignal:
@@ -69,26 +75,79 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "wrong or missing mesh secret; join with the invite token `mesh router serve` printed")
 
+    def identity(self, expert_key: str) -> str:
+        """The registrant identity an expert key stands for (bound to the mesh secret)."""
+        return hmac.new(self.secret.encode(), b"expert-key\0" + expert_key.encode(), hashlib.sha256).hexdigest()
+
+    def family(self) -> str:
+        """The tokenizer family mixed when a request names none: --family, else the first checked ("" if none yet)."""
+        return self.settings.family or self.tokenizers.first_family or ""
+
     async def RegisterExpert(self, request, context):
         await self._check_secret(request.mesh_secret, context)
-        if not request.address or not request.info.tokenizer_fingerprint or not request.info.vocab_size:
+        address = request.address.strip()
+        if not _is_host_port(address):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "RegisterExpert needs an address and the expert's Info (fingerprint, vocab_size)")
-        expert_id = self.registry.register(request.address, ExpertSpec.from_proto(request.info), name=request.name)
-        await self.pool.forget(request.address)  # a restarted expert at the same address gets a fresh channel
+                                f"RegisterExpert needs the HOST:PORT the expert serves on, got {request.address!r}")
+        identity = self.identity(request.expert_key)
+        try:
+            self.registry.check_address(address, identity)  # refused before the address is contacted
+            spec = await self._checked_spec(address)
+            expert_id = self.registry.register(address, spec, name=request.name, identity=identity)
+        except AddressTaken as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except _Refused as exc:
+            log.warning("registration of %s refused: %s", address, exc)
+            await context.abort(exc.code, str(exc))
+        await self.pool.forget(address)  # a restarted expert at the same address gets a fresh channel
         return router_pb2.RegisterExpertReply(expert_id=expert_id,
                                               heartbeat_interval_s=self.registry.config.heartbeat_interval_s)
 
+    async def _checked_spec(self, address: str) -> ExpertSpec:
+        """The expert's spec from its own Info answer, after its tokenizer files matched its fingerprint."""
+        async with channel(address) as ch:
+            stub = expert_pb2_grpc.ExpertStub(ch)
+            try:
+                info = await stub.Info(expert_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    what = "a router (this one's own address?)" if await _serves_router(ch) else "no Expert service"
+                    raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"{address} serves {what}: register the address the expert serves on") from None
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{address} did not answer Info ({exc.code().name}: {exc.details()}); register an "
+                               "address the router can reach (--advertise HOST:PORT behind NAT)") from None
+            if not info.tokenizer_fingerprint or not info.vocab_size or not info.context_limit or not info.max_top_k:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{address} answered Info without a tokenizer fingerprint, vocab_size, context_limit "
+                               "or max_top_k")
+            try:
+                await self.tokenizers.verify(stub, info.tokenizer_fingerprint)
+            except TokenizerMismatch as exc:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{address}: {exc}") from None
+            except (grpc.aio.AioRpcError, MeshError) as exc:
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"could not check the tokenizer of {address}: {detail}") from None
+        return ExpertSpec.from_proto(info)
+
     async def Heartbeat(self, request, context):
         await self._check_secret(request.mesh_secret, context)
+        await self._check_owner(request.expert_id, request.expert_key, context)
         known = self.registry.heartbeat(request.expert_id, active_sessions=request.active_sessions,
                                         tokens_per_second=request.tokens_per_second)
         return router_pb2.HeartbeatReply(known=known)
 
     async def Deregister(self, request, context):
         await self._check_secret(request.mesh_secret, context)
+        await self._check_owner(request.expert_id, request.expert_key, context)
         # its channel stays open: Step calls already under way may still finish within the expert's grace period
         return router_pb2.DeregisterReply(known=self.registry.deregister(request.expert_id, reason=request.reason))
+
+    async def _check_owner(self, expert_id: str, expert_key: str, context) -> None:
+        if not self.registry.owned_by(expert_id, self.identity(expert_key)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"expert {expert_id} was registered with another expert key")
 
     async def ListExperts(self, request, context):
         return router_pb2.ListExpertsReply(experts=[r.to_proto() for r in self.registry.experts()])
@@ -148,6 +207,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"the mesh is halted ({self.governance.switch.reason}); "
                                 "a quorum of `mesh resume` votes lifts it")
+        if not request.model_family and self.family():
+            request.model_family = self.family()  # the router's family, not the one with most registrations
         try:
             return await score_request(request, registry=self.registry, pool=self.pool, tokenizers=self.tokenizers,
                                        settings=self.settings)
@@ -195,3 +256,27 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def close(self) -> None:
         """Close expert channels."""
         await self.pool.close()
+
+
+class _Refused(Exception):
+    """A registration refused with a gRPC status and a message naming the fix."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        """Refuse with this status and message."""
+        super().__init__(message)
+        self.code = code
+
+
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+async def _serves_router(ch) -> bool:
+    """Whether the server behind an open channel serves the Router service (health checking says so)."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=ROUTER_SERVICE),
+                                                           timeout=1.0)
+    except grpc.aio.AioRpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

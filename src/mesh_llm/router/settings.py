@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mesh_llm.router.aggregation import check_rules
@@ -17,7 +18,7 @@ class MeshSettings:
     default_mix: str = "linear"  # aggregation rule when a request names none
     default_fill: str = "spread"  # fill rule for ids missing from an expert's top-k
     default_top_k: int = 64  # entries asked of each expert when a request says 0
-    default_extra: int = 0  # straggler over-selection s when a request says 0
+    default_extra: int = 1  # straggler over-selection s when a request leaves it unset (and sets no seed)
     step_deadline_s: float = 10.0  # longest wait for one token's replies (prefill gets 3x)
     default_max_tokens: int = 128  # completion length when a request says 0
     latency_bound_ms: float = 80.0  # latency policy skips experts slower than this
@@ -26,6 +27,7 @@ class MeshSettings:
     posterior_temperature: float = 0.1  # posterior routing: nats/token of likelihood per e-fold of weight
     posterior_floor: float = 0.05  # posterior routing: least mixing weight of a selected expert
     posterior_window: int = 64  # posterior routing: recent scored tokens that count
+    family: str = ""  # tokenizer fingerprint mixed when a request names none; "" = the first family checked
 
     def posterior_config(self, prompt_only: bool = False) -> PosteriorConfig:
         """Posterior-routing settings as a config (ValueError when out of range)."""
@@ -43,5 +45,10 @@ class MeshSettings:
         self.posterior_config()
         parse_draft(self.default_draft)
         check_gamma(self.default_draft_max)
-        if self.step_deadline_s <= 0:
-            raise ValueError(f"step_deadline_s must be > 0, got {self.step_deadline_s}")
+        if not self.step_deadline_s > 0 or self.step_deadline_s == float("inf"):
+            raise ValueError(f"step_deadline_s must be a finite number > 0, got {self.step_deadline_s}")
+        if self.default_extra < 0:
+            raise ValueError(f"default_extra must be >= 0, got {self.default_extra}")
+        if self.family and not re.fullmatch(r"[0-9a-f]{64}", self.family):
+            raise ValueError(f"family must be a full tokenizer fingerprint (64 hex digits, as ListExperts and "
+                             f"/v1/models show it), got {self.family!r}")
