@@ -15,6 +15,7 @@ import socket
 import time
 
 import grpc
+import httpx2
 import pytest
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer
@@ -31,6 +32,7 @@ from mesh_llm.pb import expert_pb2, expert_pb2_grpc, router_pb2
 from mesh_llm.router.generation import plan_from_request
 from mesh_llm.router.server import RouterConfig
 from mesh_llm.router.settings import MeshSettings
+from tests.api_helpers import api_mesh
 from tests.expert_helpers import running_expert
 from tests.mesh_helpers import greedy_reference, local_mesh
 from tests.real_model import real_mesh_home  # noqa: F401  (fixture)
@@ -306,3 +308,37 @@ def test_real_default_model_and_its_fine_tunes_share_a_fingerprint(real_mesh_hom
         folder = real_mesh_home / "models" / name / "converted"
         assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(folder)) == base, name
 
+
+# 16.5: the HTTP API ----------------------------------------------------------------------------------
+
+async def test_http_client_hanging_up_cancels_a_whole_generation(tiny_loaded, tmp_path):
+    async with api_mesh([tiny_loaded], tmp_path, expert_kw={"delay_ms": 100}) as (mesh, api):
+        body = {"model": "mesh", "prompt": PROMPT, "max_tokens": 200, "temperature": 0}
+        async with httpx2.AsyncClient(base_url=api.origin, timeout=1.0) as http:
+            with pytest.raises(httpx2.TimeoutException):  # 200 tokens at 100 ms: the client gives up after 1 s
+                await http.post("/v1/completions", json=body)
+        assert mesh.router.service.active
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            if not mesh.router.service.active:
+                break
+        assert not mesh.router.service.active  # cancelled within 4 s of the hang-up, not after 20 s
+
+
+async def test_http_bounds_sizes_with_clear_statuses(tiny_loaded, tmp_path):
+    async with api_mesh([tiny_loaded], tmp_path) as (mesh, api), httpx2.AsyncClient(base_url=api.origin) as http:
+        chat = {"model": "mesh", "messages": [{"role": "user", "content": "Hi"}]}
+        for extra in ({"max_tokens": 2**40}, {"max_completion_tokens": 2**40}, {"sample_top_k": 2**40},
+                      {"top_k": 2**40}):
+            reply = await http.post("/v1/chat/completions", json={**chat, **extra})
+            assert reply.status_code == 400 and list(extra) == [reply.json()["error"]["param"]], extra
+        reply = await http.post("/v1/completions", json={"model": "mesh", "prompt": "x", "max_tokens": 2**40})
+        assert reply.status_code == 400
+        big = "word " * (1 << 20)  # 5 MiB
+        reply = await http.post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": big}]})
+        assert reply.status_code == 413 and "shorter prompt" in reply.json()["error"]["message"]
+        reply = await http.post("/v1/completions", json={"model": "mesh", "prompt": big, "max_tokens": 1})
+        assert reply.status_code == 413
+        reply = await http.post("/v1/completions", json={"model": "mesh", "prompt": PROMPT, "max_tokens": 2,
+                                                         "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2

@@ -24,7 +24,8 @@ _BY_GRPC = {
     grpc.StatusCode.CANCELLED: (503, "service_unavailable_error"),
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 429: "rate_limit_error"}
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 499: "invalid_request_error"}
 
 
 class ApiError(Exception):
@@ -68,6 +69,9 @@ def from_router(exc: RouterUnavailable, *, halted: bool, halt_reason: str = "") 
                         type="service_unavailable_error", code="mesh_halted")
     status, kind = _BY_GRPC.get(code, (502, "server_error"))
     name = code.name.lower() if code is not None else "router_error"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:  # gRPC's message size limit
+        return ApiError(413, f"the request is too large for the router: {details}; send a shorter prompt",
+                        code="request_too_large")
     if code == grpc.StatusCode.NOT_FOUND:
         name = "model_not_found" if "family" in details else "not_found"
     return ApiError(status, details, type=kind, code=name)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+MAX_TOKENS = 1 << 20  # largest max_tokens / max_completion_tokens / sample_top_k accepted (the context clips below)
+
 
 class StreamOptions(BaseModel):
     """stream_options of a streaming request."""
@@ -34,7 +36,7 @@ class CommonRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)  # absent: 1, as OpenAI
     top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     n: int | None = 1
@@ -49,7 +51,7 @@ class CommonRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=1, le=4096)  # entries asked of each expert
     fill: str | None = None  # spread, zero, floor
     extra: int | None = Field(default=None, ge=0, le=64)  # straggler over-selection
-    sample_top_k: int | None = Field(default=None, ge=0)  # sample among this many most likely tokens
+    sample_top_k: int | None = Field(default=None, ge=0, le=MAX_TOKENS)  # sample among this many most likely tokens
     draft: str | None = None  # drafter for multi-token rounds: none, ngram, model:NAME
     draft_max: int | None = Field(default=None, ge=1, le=16)  # most tokens drafted per round
 
@@ -107,7 +109,7 @@ class ChatCompletionRequest(CommonRequest):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     tools: list[dict[str, Any]] | None = None
@@ -134,7 +136,7 @@ class CompletionRequest(CommonRequest):
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)  # alternatives per echoed token (needs echo)
     best_of: int | None = None
-    max_tokens: int | None = Field(default=None, ge=0)  # 0 (with echo): only score the prompt
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)  # 0 (with echo): only score the prompt
 
     @field_validator("prompt")
     @classmethod
