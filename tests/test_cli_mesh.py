@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from rich.console import Console
 from typer.testing import CliRunner
@@ -65,6 +66,10 @@ def test_router_expert_status_generate_processes(tiny_model_dir, mesh_home):
                       "--k", "1", "--raw", env=env)
         assert gen.returncode == 0, gen.stderr
         assert "finish: " in gen.stdout and "tiny-donor" in gen.stdout
+        drafted = run_cli("generate", "one two three one two three one two", "--router", address, "--max-tokens",
+                          "8", "--k", "1", "--raw", "--draft", "ngram", env=env)
+        assert drafted.returncode == 0, drafted.stderr
+        assert "tokens per round trip" in run_cli("status", "--router", address, env=env).stdout
         bad = run_cli("generate", "hello", "--router", address, "--k", "3", env=env)
         assert bad.returncode == 1 and "k=3" in bad.stderr and "Traceback" not in bad.stderr
     finally:
@@ -113,3 +118,24 @@ def test_demo_takes_the_prompt_as_an_argument(monkeypatch):
     assert runner.invoke(app, ["demo"]).exit_code == 0
     assert [(c.prompt, c.experts, c.k) for c in asked] == [
         ("Name a river in Spain", 2, 1), ("Old spelling?", 3, 2), ("What is the capital of France?", 3, 2)]
+
+
+def test_router_serve_trusts_the_governance_folder_it_is_given(tmp_path, mesh_home):
+    folder = tmp_path / "trusted"
+    folder.mkdir()
+    (folder / "policy.toml").write_text((Path(__file__).resolve().parents[1] / "governance" / "policy.toml").read_text())
+    (folder / "members.toml").write_text("")
+    env = dict(os.environ, MESH_HOME=str(mesh_home))
+    router = subprocess.Popen([sys.executable, "-m", "mesh_llm.cli.main", "router", "serve", "--port", "0",
+                               "--governance", str(folder)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in router.stderr:
+            seen.append(line)
+            if "trust root" in line:
+                break
+        assert f"governance trust root: {folder} (given with --governance)" in "".join(seen), seen
+    finally:
+        router.terminate()
+        router.wait(timeout=20)

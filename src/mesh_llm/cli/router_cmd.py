@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -48,6 +49,8 @@ def serve(
     posterior_temperature: float = typer.Option(0.1, help="Policy posterior: nats/token of context likelihood "
                                                 "per e-fold of an expert's weight (lower = sharper routing)."),
     posterior_floor: float = typer.Option(0.05, help="Policy posterior: least mixing weight of a selected expert."),
+    governance: Path = typer.Option(None, "--governance", help="Governance folder (policy.toml, members.toml) to "
+                                    "trust (default: $MESH_GOVERNANCE_DIR, else MESH_HOME/governance)."),
     api_port: int = typer.Option(None, help="Serve the OpenAI-compatible HTTP API (/v1, /metrics) on this port, "
                                  "e.g. 9337 (0 picks a free one; default: off, or 9337 with --console)."),
     api_host: str = typer.Option("127.0.0.1", help="Interface the HTTP API listens on (loopback by default)."),
@@ -72,7 +75,7 @@ def serve(
                                 posterior_temperature=posterior_temperature, posterior_floor=posterior_floor,
                                 default_extra=extra, family=family.strip().lower())
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
-                                                  settings=settings))
+                                                  settings=settings, governance_dir=governance))
         api = None
         try:
             stop = stop_on_signals()
