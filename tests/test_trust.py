@@ -19,7 +19,9 @@ import httpx2
 import pytest
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer
+from typer.testing import CliRunner
 
+from mesh_llm.cli.main import app
 from mesh_llm.expert.engine import StepEngine
 from mesh_llm.expert.join import RouterLink
 from mesh_llm.expert.server import resolve_join
@@ -236,6 +238,8 @@ async def test_the_family_is_pinned_per_router_and_per_request(tiny_loaded, tmp_
         assert {e for t in tokens for e in t.expert_ids} == {mesh.experts[1].link.expert_id}
     with pytest.raises(ValueError, match="64 hex"):
         MeshSettings(family="abc").validate()
+    refused = CliRunner().invoke(app, ["router", "serve", "--port", "0", "--family", "abc"])
+    assert refused.exit_code == 2 and "64 hex digits" in refused.output  # a clear error, no traceback
 
 
 # 15.4: the whole tokenizer is fingerprinted and every registering expert's files are checked ----------

@@ -65,15 +65,20 @@ def serve(
     from mesh_llm.router.server import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
 
+    settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
+                            step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max,
+                            posterior_temperature=posterior_temperature, posterior_floor=posterior_floor,
+                            default_extra=extra, family=family.strip().lower())
+    try:
+        settings.validate()
+    except ValueError as exc:  # a setting no generation could use: say which, without a traceback
+        raise typer.BadParameter(str(exc)) from None
+
     async def run() -> None:
         from mesh_llm.api import ApiConfig, client_settings, start_api
         from mesh_llm.api.keys import new_key
         from mesh_llm.api.server import DEFAULT_API_PORT
 
-        settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
-                                step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max,
-                                posterior_temperature=posterior_temperature, posterior_floor=posterior_floor,
-                                default_extra=extra, family=family.strip().lower())
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
                                                   settings=settings, governance_dir=governance))
         api = None
