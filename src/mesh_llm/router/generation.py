@@ -191,20 +191,23 @@ class Generation:
         self.prompt_ids = self._tokenize(self.request.prompt, self.request.chat)
         if not self.prompt_ids:
             raise GenerationError("INVALID_ARGUMENT", "the prompt is empty")
-        self._fit(serving, len(records) - len(serving))
+        self._fit(serving, [r for r in serving if r in trusted] or serving, len(records) - len(serving))
         self.drafter = await self._drafter()
         self.gamma = GammaController(self.plan.draft_max) if self.drafter else None
 
-    def _fit(self, serving: list[ExpertRecord], left_out: int) -> None:
-        """Settle k, the context limit and max_tokens; keep only the experts that can serve the whole generation."""
+    def _fit(self, serving: list[ExpertRecord], trusted: list[ExpertRecord], left_out: int) -> None:
+        """Settle k, the context limit (from trusted) and max_tokens; keep the experts that can serve it all."""
         if self.plan.k > len(serving) and not self.plan.k_explicit:
             self.notes.append(f"default k={self.plan.k} shrunk to the {len(serving)} expert(s) in the mesh")
             self.plan = dataclasses.replace(self.plan, k=len(serving))
         if self.plan.k > len(serving):
             raise GenerationError("INVALID_ARGUMENT", f"k={self.plan.k} but this tokenizer family has only "
                                   f"{len(serving)} expert(s) in the mesh; use --k {len(serving)} or fewer")
-        # the k-th largest context limit: k experts can hold the whole generation, one small claim clips nothing
-        self.context_limit = sorted((r.context_limit for r in serving), reverse=True)[self.plan.k - 1]
+        # the k-th largest trusted context limit: k experts can hold the whole generation, one claim clips nothing
+        limits = sorted((r.context_limit for r in trusted), reverse=True)
+        self.context_limit = limits[min(self.plan.k, len(limits)) - 1]
+        if sum(r.context_limit >= self.context_limit for r in serving) < self.plan.k:  # fewer than k trusted
+            self.context_limit = sorted((r.context_limit for r in serving), reverse=True)[self.plan.k - 1]
         room = self.context_limit - len(self.prompt_ids)
         if room < 1:
             raise GenerationError("INVALID_ARGUMENT", f"the prompt has {len(self.prompt_ids)} tokens but the "
