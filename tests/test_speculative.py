@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import grpc
 import numpy as np
@@ -77,6 +78,16 @@ def test_gamma_grows_when_drafts_pay_and_stops_drafting_when_they_do_not():
         picks.append(g)
         useless.observe(drafted=g, accepted=0, round_s=0.05 + 0.06 * g, draft_s=0.06 * g)
     assert picks[-16:].count(0) >= 12 and max(picks[-16:]) <= 1  # off, with an occasional probe of 1
+    free = GammaController(8)  # free n-gram drafts, found now and then, that the mixture rejects
+    rng = random.Random(0)
+    picks = []
+    for _ in range(48):
+        g = free.next()
+        picks.append(g)
+        drafted = min(g, rng.choice([0, 0, 1, 3, 8]))
+        accepted = int(drafted > 0 and rng.random() < 0.05)
+        free.observe(drafted=drafted, accepted=accepted, round_s=0.1 * (1 + 0.15 * drafted), draft_s=0.0)
+    assert picks[-16:].count(0) >= 12  # the verify positions still cost: drafting stops
 
 
 # ---------- speculative acceptance keeps the target distribution ----------

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DECAY = 0.85  # weight kept by older rounds in every running estimate
+VERIFY_PRIOR = 0.1  # extra verify cost of one drafted token, as a share of a round, until measured
 
 
 @dataclass(kw_only=True)
@@ -29,11 +30,11 @@ class _Fit:
         for name, value in (("w", 1.0), ("x", x), ("y", y), ("xx", x * x), ("xy", x * y)):
             setattr(self, name, getattr(self, name) * DECAY + value)
 
-    def line(self, prior_slope: float) -> tuple[float, float]:
-        """(intercept, slope); the slope falls back to prior_slope while the drafted counts barely vary."""
+    def line(self, prior_share: float) -> tuple[float, float]:
+        """(intercept, slope); while the drafted counts barely vary the slope is prior_share of the mean round."""
         mx, my = self.x / self.w, self.y / self.w
         var = self.xx / self.w - mx * mx
-        slope = (self.xy / self.w - mx * my) / var if var > 0.25 else prior_slope
+        slope = (self.xy / self.w - mx * my) / var if var > 0.25 else prior_share * my
         slope = max(slope, 0.0)
         return max(my - slope * mx, 1e-6), slope
 
@@ -60,7 +61,7 @@ class GammaController:
         """Draft length for the next round (0 = do not draft)."""
         if self.fit.w == 0:
             return self.start
-        base, slope = self.fit.line(prior_slope=0.0)
+        base, slope = self.fit.line(prior_share=VERIFY_PRIOR)
         cost = slope + self.draft_s_per_token
         a = min(self.acceptance, 0.999)
         best, best_rate = 0, 1.0 / base
