@@ -716,10 +716,16 @@ def run_heldout(models: dict, base: str, names: Sequence[str], args, cache: Path
     domains = list(args.domains)
     chunks, dom, split, info = load_heldout(tokenizer, corpora, domains, args.chunk, args.max_chunks)
     began = time.perf_counter()
-    scores = score_cached(models, [chunk_pack(c) for c in chunks], "heldout", cache, batch_size=args.batch, trunk_from=models[base])
+    lp: dict[str, list[np.ndarray]] = {n: [] for n in models}
+    top1: dict[str, list[np.ndarray]] = {n: [] for n in models}
+    for d in domains:  # cached per domain, so experts added later only score themselves
+        packs = [chunk_pack(c) for c, cd in zip(chunks, dom) if cd == d]
+        scores = score_cached(models, packs, f"heldout-{d}", cache, batch_size=args.batch, trunk_from=models[base])
+        for n, (lps, tops) in scores.items():
+            lp[n] += lps
+            top1[n] += tops
     seconds = time.perf_counter() - began
-    held = HeldOut(names=list(names), base=base, domains=dom, split=split,
-                   lp={n: s[0] for n, s in scores.items()}, top1={n: s[1] for n, s in scores.items()},
+    held = HeldOut(names=list(names), base=base, domains=dom, split=split, lp=lp, top1=top1,
                    targets=[np.asarray(c[1:]) for c in chunks])
     result = heldout_rows(held, window=args.window, prompt_tokens=args.prompt_tokens)
     result["paired"] = paired_table(held, result["rows"], args)
@@ -743,7 +749,7 @@ def paired_table(held: HeldOut, rows: Sequence[dict], args) -> list[dict]:
     out = []
     test = held.idx("test")
     for name, lps in others.items():
-        diffs = np.array([float(np.mean(ref[c]) - np.mean(lps[c])) for c in test])  # < 0: posterior K=2 better
+        diffs = np.array([float(np.mean(lps[c]) - np.mean(ref[c])) for c in test])  # NLL difference; < 0: posterior K=2 better
         out.append({"row": name, "mean_diff": float(diffs.mean()),
                     "se": float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan,
                     "chunks_posterior_better": int(np.sum(diffs < 0)), "chunks": len(diffs)})

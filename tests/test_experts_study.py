@@ -124,6 +124,10 @@ def test_oracle_is_never_worse_than_any_single_expert_and_rows_are_consistent(st
     assert goal["reached"] == (goal["beats_every_single"] and goal["within_2pct_of_oracle"]
                                and goal["never_worse_than_base"])
     assert 0 <= result["disagreement"]["mixed"]["share"] <= 1
+    args = type("Args", (), {"window": 8})()
+    paired = {p["row"]: p for p in study.paired_table(held, result["rows"], args)}
+    for name in ("base", "e1", "oracle (best expert per domain)"):  # posterior K=2 minus the row, in NLL
+        assert paired[name]["mean_diff"] == pytest.approx(pk2["nll"]["mixed"] - rows[name]["nll"]["mixed"])
 
 
 def test_arc_rows_score_choices_and_mix_answers(study):
