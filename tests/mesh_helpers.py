@@ -43,13 +43,15 @@ class Mesh:
 
     async def generate_killing(self, victim: RunningExpert, after: int, **fields
                                ) -> tuple[list[router_pb2.TokenEvent], router_pb2.GenerationDone]:
-        """Like generate, but stop the victim expert once `after` tokens have arrived."""
+        """Like generate, but crash the victim expert (no deregistration) once `after` tokens have arrived."""
         tokens, done = [], None
         async for event in self.stub.Generate(router_pb2.GenerateRequest(**fields), timeout=120):
             if event.HasField("token"):
                 tokens.append(event.token)
                 if len(tokens) == after:
-                    await victim.stop(0)
+                    for task in victim.tasks:  # heartbeats stop as in a crash; the router is not told
+                        task.cancel()
+                    await victim.server.stop(0)
             else:
                 done = event.done
         return tokens, done
