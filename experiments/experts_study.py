@@ -728,15 +728,18 @@ def run_heldout(models: dict, base: str, names: Sequence[str], args, cache: Path
     held = HeldOut(names=list(names), base=base, domains=dom, split=split, lp=lp, top1=top1,
                    targets=[np.asarray(c[1:]) for c in chunks])
     result = heldout_rows(held, window=args.window, prompt_tokens=args.prompt_tokens)
-    result["paired"] = paired_table(held, result["rows"], args)
+    snippets = [tokenizer.decode(c[:16]) for c in chunks]
+    result["paired"], result["chunks"] = paired_table(held, result["rows"], args, snippets)
     result.update(domains=info, chunk_tokens=args.chunk, scoring_seconds=seconds,
                   tune_chunks=len(held.idx("tune")), test_chunks=len(held.idx("test")),
                   test_tokens=sum(len(held.targets[c]) for c in held.idx("test")))
     return result
 
 
-def paired_table(held: HeldOut, rows: Sequence[dict], args) -> list[dict]:
-    """Mixed-set per-chunk NLL differences of base, each expert, uniform-4 and the oracle against posterior K=2 (mean ± s.e.)."""
+def paired_table(held: HeldOut, rows: Sequence[dict], args,
+                 snippets: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Mixed-set per-chunk NLL differences of base, each expert, uniform-4 and the oracle against posterior K=2
+    (mean ± s.e.), and per test chunk: posterior K=2 against the oracle and the expert it weighted most."""
     pk2 = next(r for r in rows if r["row"] == "posterior K=2")
     n_chunks = len(held.domains)
     elp = [held.experts_lp(c) for c in range(n_chunks)]
@@ -753,7 +756,16 @@ def paired_table(held: HeldOut, rows: Sequence[dict], args) -> list[dict]:
         out.append({"row": name, "mean_diff": float(diffs.mean()),
                     "se": float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan,
                     "chunks_posterior_better": int(np.sum(diffs < 0)), "chunks": len(diffs)})
-    return out
+    chunks = []
+    for c in test:
+        tops = [max(post, key=post.get) for post in posts[c] if post]
+        top = max(held.names, key=tops.count)
+        chunks.append({"chunk": c, "domain": held.domains[c], "nll_posterior_k2": float(-np.mean(ref[c])),
+                       "nll_oracle": float(-np.mean(others["oracle (best expert per domain)"][c])),
+                       "oracle_expert": oracle[held.domains[c]], "most_weighted": top,
+                       "most_weighted_share": tops.count(top) / max(len(tops), 1),
+                       "starts": snippets[c] if snippets else ""})
+    return out, chunks
 
 
 def run_arc(models: dict, base: str, names: Sequence[str], args, cache: Path | None, held_rows: Sequence[dict],
@@ -936,6 +948,21 @@ def paired_md(result: dict) -> str:
                                  ("se", "s.e. over chunks", ".4f"), ("better", "chunks where posterior K=2 is lower", "")])
 
 
+def chunks_md(result: dict, most: int = 6) -> str:
+    """Markdown: the test chunks where posterior K=2 and the oracle differ most."""
+    chunks = sorted(result["heldout"]["chunks"], key=lambda c: -abs(c["nll_posterior_k2"] - c["nll_oracle"]))
+    rows = [{**c, "delta": c["nll_posterior_k2"] - c["nll_oracle"],
+             "weighted": f"{c['most_weighted']} ({100 * c['most_weighted_share']:.0f}% of positions)",
+             "starts": "`" + " ".join(c["starts"].split()).replace("`", "'").replace("|", "/")[:48] + "`"}
+            for c in chunks[:most]]
+    within = sum(abs(c["nll_posterior_k2"] - c["nll_oracle"]) <= 0.03 for c in chunks)
+    return markdown_table(rows, [
+        ("domain", "domain", ""), ("chunk", "chunk", "d"), ("delta", "posterior K=2 − oracle", "+.3f"),
+        ("oracle_expert", "oracle's expert", ""), ("weighted", "expert posterior K=2 weighted most", ""),
+        ("starts", "chunk starts", "")]) + (f"\n\n{within} of {len(chunks)} test chunks are within ±0.03 nats/token "
+                                             "of the oracle.")
+
+
 def arc_table(result: dict) -> str:
     """Markdown: ARC-Easy accuracy ± standard error per row."""
     arc = result["arc"]
@@ -1024,7 +1051,8 @@ def render_tables(result: dict) -> str:
     return "\n\n".join(f"## {name}\n\n{fn(result)}" for name, fn in BLOCKS.items())
 
 
-BLOCKS = {"meta": meta_md, "heldout": heldout_table, "goal": goal_md, "paired": paired_md, "grid": grid_table,
+BLOCKS = {"meta": meta_md, "heldout": heldout_table, "goal": goal_md, "paired": paired_md, "chunks": chunks_md,
+          "grid": grid_table,
           "arc": arc_table, "extras": extras_md}
 
 

@@ -125,7 +125,9 @@ def test_oracle_is_never_worse_than_any_single_expert_and_rows_are_consistent(st
                                and goal["never_worse_than_base"])
     assert 0 <= result["disagreement"]["mixed"]["share"] <= 1
     args = type("Args", (), {"window": 8})()
-    paired = {p["row"]: p for p in study.paired_table(held, result["rows"], args)}
+    table, chunks = study.paired_table(held, result["rows"], args)
+    paired = {p["row"]: p for p in table}
+    assert len(chunks) == len(held.idx("test")) and {c["domain"] for c in chunks} == {"p", "q"}
     for name in ("base", "e1", "oracle (best expert per domain)"):  # posterior K=2 minus the row, in NLL
         assert paired[name]["mean_diff"] == pytest.approx(pk2["nll"]["mixed"] - rows[name]["nll"]["mixed"])
 
@@ -170,9 +172,10 @@ def test_tiny_run_end_to_end_with_shared_trunk_and_report(study, tmp_path):
             "uniform K=2", "oracle (best expert per domain)"} <= set(rows)
     assert len(result["arc"]["rows"]) == 1 + 2 + 1 + 2
     md = tmp_path / "report.md"
-    md.write_text("# title\n\nprose\n\n<!-- gen:heldout -->\nold\n<!-- /gen -->\n\nmore prose\n<!-- gen:goal --><!-- /gen -->\n")
+    md.write_text("# title\n\nprose\n\n<!-- gen:heldout -->\nold\n<!-- /gen -->\n\nmore prose\n<!-- gen:goal --><!-- /gen -->\n<!-- gen:chunks --><!-- /gen -->\n")
     assert study.main(["report", "--json", str(out), "--md", str(md), "--img", str(tmp_path / "img")]) == 0
     text = md.read_text()
     assert "old" not in text and "more prose" in text and "| posterior K=2 |" in text and "Goal reached" in text
+    assert "test chunks are within" in text
     assert (tmp_path / "img" / "experts_nll.png").stat().st_size > 1000
     assert (tmp_path / "img" / "experts_arc.png").exists()
