@@ -267,6 +267,9 @@ def data_key(packs: Sequence[Pack]) -> str:
     return h.hexdigest()[:16]
 
 
+SCORED: set[str] = set()  # "<kind>:<model>" scored (not read from the cache) by this process
+
+
 def score_cached(models: dict[str, object], packs: Sequence[Pack], kind: str, cache: Path | None,
                  batch_size: int = 4, trunk_from=None) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
     """Scores of every model on packs, from MESH_HOME/study/<model>-<kind>-<hashes>.npz when cached; else computed and saved."""
@@ -281,6 +284,7 @@ def score_cached(models: dict[str, object], packs: Sequence[Pack], kind: str, ca
                             [z["top1"][a:b] for a, b in itertools.pairwise(cuts)])
         else:
             missing.append((name, path))
+    SCORED.update({f"{kind}:{n}" for n, _ in missing})
     if missing:
         scorer = Scorer([models[n] for n, _ in missing], trunk_from=trunk_from)
         scored = scorer.score(packs, batch_size=batch_size,
@@ -831,6 +835,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     """The study itself (run() sets and restores torch threads)."""
+    SCORED.clear()
     machine = machine_info()
     began = time.perf_counter()
     tmp = None
@@ -872,7 +877,7 @@ def _run(args) -> int:
             "base": base, "experts": names, "domains": list(args.domains), "window": args.window,
             "prompt_tokens": args.prompt_tokens, "temperatures": list(TEMPERATURES), "floors": list(FLOORS),
             "shared_trunk_layers": scorer.shared, "trunk_check_max_abs": trunk_check,
-            "tiny": bool(args.tiny), "seconds": time.perf_counter() - began,
+            "tiny": bool(args.tiny), "seconds": time.perf_counter() - began, "scored": sorted(SCORED),
             "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     result = {"meta": meta, "heldout": held, "arc": arc, "bytes": {**b, "per_token": per_token_bytes(b, len(names), 2)},
               "timing": timing}
@@ -1037,7 +1042,8 @@ def meta_md(result: dict) -> str:
         f"Commit {mach['git_commit']}; {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, transformers "
         f"{mach['transformers']}; load average {mach['load_average']} at the start, {m['load_average_end']} at the end; "
         f"{m['seconds']:.0f} s in all (held-out scoring {held['scoring_seconds']:.0f} s"
-        + (f", ARC scoring {result['arc']['scoring_seconds']:.0f} s" if result["arc"] else "") + "; 0 s when cached).",
+        + (f", ARC scoring {result['arc']['scoring_seconds']:.0f} s" if result["arc"] else "")
+        + f"; {len(m.get('scored', []))} model × data scores computed, the others read from the cache).",
         "", (f"Base {m['base']}; experts {', '.join(m['experts'])}. Held-out: {doms}; chunks of "
         f"{held['chunk_tokens']} scored tokens, {held['tune_chunks']} tuning and {held['test_chunks']} test chunks "
         f"({held['test_tokens']} test tokens). Window {m['window']}, prompt-only from the first {m['prompt_tokens']} "
