@@ -37,6 +37,9 @@ def test_tracker_slides_over_the_recent_window_and_freezes_for_prompt_only():
     tracker.record("a", 1, [-5.0, -5.0, -1.0, -1.0, -1.0])
     tracker.record("b", 1, [-1.0, -1.0, -3.0, -3.0, -3.0])
     assert tracker.mean_logprobs() == {"a": -1.0, "b": -3.0}
+    for start in range(6, 1000, 10):  # a long generation keeps only about the last window per expert
+        tracker.record("a", start, [-2.0] * 10)
+    assert len(tracker.scores["a"]) <= 6 and tracker.mean_logprobs()["a"] == -2.0
     frozen = PosteriorTracker(PosteriorConfig(prompt_only=True))
     frozen.record("a", 1, [-1.0])
     frozen.freeze_if_prompt_only()

@@ -71,6 +71,9 @@ class PosteriorTracker:
         for offset, value in enumerate(logprobs):
             if math.isfinite(value):
                 table[first_position + offset] = float(value)
+        if len(table) > 2 * self.config.window:  # only the newest `window` count: keep the cost flat in length
+            for position in heapq.nsmallest(len(table) - self.config.window, table):
+                del table[position]
 
     def freeze_if_prompt_only(self) -> None:
         """End updates after the prompt round when weights are fixed by the prompt."""
