@@ -961,8 +961,9 @@ def chunks_md(result: dict, most: int = 6) -> str:
              "starts": "`" + " ".join(c["starts"].split()).replace("`", "'").replace("|", "/")[:48] + "`"}
             for c in chunks[:most]]
     within = sum(abs(c["nll_posterior_k2"] - c["nll_oracle"]) <= 0.03 for c in chunks)
+    n_all = result["heldout"]["tune_chunks"] + result["heldout"]["test_chunks"]
     return markdown_table(rows, [
-        ("domain", "domain", ""), ("chunk", "chunk", "d"), ("delta", "posterior K=2 − oracle", "+.3f"),
+        ("domain", "domain", ""), ("chunk", f"chunk (of {n_all})", "d"), ("delta", "posterior K=2 − oracle", "+.3f"),
         ("oracle_expert", "oracle's expert", ""), ("weighted", "expert posterior K=2 weighted most", ""),
         ("starts", "chunk starts", "")]) + (f"\n\n{within} of {len(chunks)} test chunks are within ±0.03 nats/token "
                                              "of the oracle.")
@@ -1063,7 +1064,7 @@ BLOCKS = {"meta": meta_md, "heldout": heldout_table, "goal": goal_md, "paired": 
 
 
 def charts(result: dict, folder: Path) -> list[Path]:
-    """experts_nll.png (NLL per domain per row) and experts_arc.png (ARC accuracy ± s.e.)."""
+    """experts_nll.png (NLL per domain per row, against the base) and experts_arc.png (ARC accuracy ± s.e.)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1071,17 +1072,18 @@ def charts(result: dict, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     domains = [*result["meta"]["domains"], "mixed"]
-    keep = [r for r in result["heldout"]["rows"] if not r["row"].startswith("uniform K=2 (best")]
+    rows = result["heldout"]["rows"]
+    base = next(r for r in rows if r["kind"] == "base")["nll"]
+    keep = [r for r in rows if r["kind"] != "base" and not r["row"].startswith("uniform K=2 (best")]
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=90)
     width = 0.8 / len(keep)
     cmap = plt.get_cmap("tab20")
     for i, r in enumerate(keep):
-        ax.bar(np.arange(len(domains)) + i * width - 0.4 + width / 2, [r["nll"][d] for d in domains], width,
+        ax.bar(np.arange(len(domains)) + i * width - 0.4 + width / 2, [r["nll"][d] - base[d] for d in domains], width,
                label=r["row"], color=cmap(i % 20))
+    ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(domains)), domains)
-    ax.set_ylabel("NLL, nats/token (test half)")
-    lo = min(r["nll"][d] for r in keep for d in domains)
-    ax.set_ylim(max(0, lo - 0.3), None)
+    ax.set_ylabel("NLL − base NLL, nats/token\n(test half; lower is better)")
     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     paths = [folder / "experts_nll.png"]
