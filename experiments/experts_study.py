@@ -634,8 +634,8 @@ def time_routing(base_loaded, ids: Sequence[int], *, n: int = 4, k: int = 2, top
                  iterations: int = 2000, repeats: int = 3, contexts: Sequence[int] = (64, 512, 2048)) -> dict:
     """Router ms per token (select + weights + mix, and recording the chosen token) for random and posterior selection.
 
-    Replies are the base model's real top-k rows; posterior routing is timed with its tracker already
-    holding `context` scored positions per expert (the tracker keeps every position it was given).
+    Replies are the base model's real top-k rows; posterior routing is timed after its tracker was
+    given `context` scored positions per expert (how many it keeps is the tracker's business).
     """
     import torch
 
@@ -1024,7 +1024,7 @@ def extras_md(result: dict) -> str:
             (f"Router time per token (select + weights + mix of K={t['k']} top-{t['top_k']} replies of N={t['n']} "
              f"experts, plus the posterior tracker's update; median of {t['iterations']} tokens, {t['repeats']} "
              f"repeats: median [min–max]; load average {t['load_average']}):"), "",
-            "| policy | scored positions the tracker holds | ms per token |", "| --- | ---: | ---: |"]
+            "| policy | scored positions given to the tracker | ms per token |", "| --- | ---: | ---: |"]
     for r in t["rows"]:
         held = r["context"] if r["policy"] != "random" else "–"
         out.append(f"| {r['policy']} | {held} | {r['median_ms']:.3f} [{r['min_ms']:.3f}–{r['max_ms']:.3f}] |")
