@@ -13,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, insert, inspect, select
 
 from mesh_llm.store import migrations as migrations_pkg
+from mesh_llm.store.dialect import lock_for_writing
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,19 @@ def current_version(engine: Engine) -> int:
 
 def upgrade(engine: Engine) -> int:
     """Apply every migration newer than the database's version; return the final version."""
-    _meta.create_all(engine, tables=[schema_version])
-    applied = current_version(engine)
-    for migration in discover():
-        if migration.version <= applied:
-            continue
-        with engine.begin() as conn:
-            op = Operations(MigrationContext.configure(conn))
+    pending = [m for m in discover() if m.version > current_version(engine)]
+    if not pending:
+        return current_version(engine)
+    with engine.begin() as conn:  # one writer migrates; a process starting alongside waits, then finds it done
+        lock_for_writing(conn, "schema migrations")
+        _meta.create_all(conn, tables=[schema_version])
+        applied = max(conn.execute(select(schema_version.c.version)).scalars().all(), default=0)
+        op = Operations(MigrationContext.configure(conn))
+        for migration in pending:
+            if migration.version <= applied:
+                continue
             migration.module.upgrade(op)
             conn.execute(insert(schema_version).values(version=migration.version, description=migration.description))
-        log.info("applied schema migration %d: %s", migration.version, migration.description)
-        applied = migration.version
+            log.info("applied schema migration %d: %s", migration.version, migration.description)
+            applied = migration.version
     return applied

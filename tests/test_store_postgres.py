@@ -1,0 +1,127 @@
+"""The store on SQLite and PostgreSQL alike: migrations, registry, governance, agent tasks and the dialect layer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, select
+
+from mesh_llm.agent.tasks import TaskStore
+from mesh_llm.governance.core import Governance
+from mesh_llm.governance.policy import load_policy
+from mesh_llm.governance.testing import make_signers
+from mesh_llm.router.registry import ExpertSpec, Registry
+from mesh_llm.store import dialect
+from mesh_llm.store.db import STORE_ENV, StoreUnavailable, default_db_url, open_engine
+from mesh_llm.store.migrate import current_version, discover, upgrade
+
+POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml")
+SPEC = ExpertSpec(model_id="tiny", tokenizer_fingerprint="fp-a", vocab_size=512, context_limit=256,
+                  tokens_per_second=40.0, eos_token_ids=(2, 7))
+
+
+def test_every_migration_applies_once(store_url):
+    engine = open_engine(store_url)
+    newest = max(m.version for m in discover())
+    assert current_version(engine) == newest
+    assert upgrade(engine) == newest  # a second start changes nothing
+    tables = set(inspect(engine).get_table_names())
+    assert {"experts", "gov_audit", "agent_tasks", "schema_version"} <= tables
+    engine.dispose()
+
+
+def test_registry_survives_reopening(store_url):
+    registry = Registry(open_engine(store_url))
+    eid = registry.register("127.0.0.1:5001", SPEC, name="donor")
+    registry.record_success(eid, 12.0, tokens=5)
+    registry.record_failure(eid, "error:" + "x" * 400)  # longer than the column: must not break a strict server
+    registry.flush()
+    registry.engine.dispose()
+    again = Registry(open_engine(store_url))
+    record = again.get(eid)
+    assert (record.name, record.tokens_served, record.eos_token_ids) == ("donor", 5, (2, 7))
+    again.engine.dispose()
+
+
+def test_governance_halt_and_audit_chain(store_url, tmp_path):
+    signers = make_signers(["alice", "bob", "carol"])
+    gov = Governance(engine=open_engine(store_url), policy=POLICY, members=signers.members())
+    gov.halt(signers.halt("alice", "store test"))
+    gov.engine.dispose()
+    reopened = Governance(engine=open_engine(store_url), policy=POLICY, members=signers.members())
+    assert reopened.switch.is_halted and reopened.switch.reason == "store test"
+    result = reopened.verify_audit()
+    assert result.ok and result.checked >= 1
+    reopened.engine.dispose()
+
+
+def test_agent_tasks_get_ids_in_order(store_url):
+    store = TaskStore(open_engine(store_url))
+    first = store.submit({"type": "config_tuning", "context": "a"}, source="test")
+    second = store.submit({"type": "config_tuning", "context": "b"}, source="test")
+    assert second.id == first.id + 1
+    store.engine.dispose()
+
+
+_meta = MetaData()
+_counts = Table("t_counts", _meta, Column("name", String(20), primary_key=True), Column("n", Integer, nullable=False),
+                Column("label", String(20), nullable=False))
+
+
+def test_upsert_sets_or_adds_and_insert_ignore_keeps_the_first(store_url):
+    engine = open_engine(store_url)
+    _meta.create_all(engine)
+    with engine.begin() as conn:
+        dialect.upsert(conn, _counts, {"name": "a", "n": 2, "label": "one"}, ["name"], add=["n"])
+        dialect.upsert(conn, _counts, {"name": "a", "n": 3, "label": "two"}, ["name"], add=["n"])
+        assert dialect.insert_ignore(conn, _counts, {"name": "b", "n": 1, "label": "first"}, ["name"])
+        assert not dialect.insert_ignore(conn, _counts, {"name": "b", "n": 9, "label": "second"}, ["name"])
+        rows = dict((r.name, (r.n, r.label)) for r in conn.execute(select(_counts)))
+    assert rows == {"a": (5, "two"), "b": (1, "first")}
+    engine.dispose()
+
+
+def test_write_lock_serialises_two_writers(store_url):
+    engine = open_engine(store_url)
+    _meta.create_all(engine)
+    order: list[str] = []
+    holding = threading.Event()
+
+    def second_writer() -> None:
+        holding.wait(5)
+        with engine.begin() as conn:
+            dialect.lock_for_writing(conn, "counts")
+            order.append("second")
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    with engine.begin() as conn:
+        dialect.lock_for_writing(conn, "counts")
+        holding.set()
+        time.sleep(0.3)  # the other writer must still be waiting for the lock
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "second"]
+    engine.dispose()
+
+
+def test_postgres_urls_use_psycopg_and_other_databases_are_refused():
+    assert dialect.driver_url("postgresql://u:p@h:5432/d") == "postgresql+psycopg://u:p@h:5432/d"
+    assert dialect.driver_url("postgres://u@h/d").startswith("postgresql+psycopg://")
+    with pytest.raises(dialect.UnsupportedStore, match="names mysql; use sqlite:///PATH or postgresql://"):
+        dialect.driver_url("mysql://u@h/d")
+
+
+def test_unreachable_server_says_what_to_do():
+    with pytest.raises(StoreUnavailable, match="start the database server or pass another --db"):
+        open_engine("postgresql://nobody:x@127.0.0.1:1/none")
+
+
+def test_mesh_store_sets_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv(STORE_ENV, "postgresql://u@h/d")
+    assert default_db_url() == "postgresql://u@h/d"
+    monkeypatch.delenv(STORE_ENV)
+    assert default_db_url().startswith("sqlite:///") and default_db_url().endswith("mesh.db")
