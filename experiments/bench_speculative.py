@@ -6,9 +6,9 @@
     .venv/bin/python experiments/bench_speculative.py --tiny ...   # tiny random model, a quick check
 
 The router (and a model drafter) run in this process; experts are `mesh-expert serve` subprocesses
-behind the sweeps' delay relay. Every (RTT, prompt, repeat) runs every drafter back to back, so
-machine load drifts alike over them; the summary gives the median and min-max over repeats of
-decode tokens/s, tokens per round trip and acceptance, the speed ratio against `none` from the
+behind the sweeps' delay relay. Every (RTT, prompt, repeat) runs every drafter back to back, in an
+order rotated each repeat, so machine load drifts alike over them; the summary gives the median and
+min-max over repeats of decode tokens/s, tokens per round trip and acceptance, the speed ratio against `none` from the
 same repeat, and whether the text equals the one-token path's (greedy must not change it).
 """
 
@@ -124,7 +124,8 @@ async def run_bench(args, loaded: dict | None = None) -> list[dict]:
                     await mesh.set_links([LinkSpec(rtt_ms=rtt)] * args.experts)
                     current = rtt
                 kind, prompt = PROMPTS[name]
-                for draft in drafts:
+                order = drafts[rep % len(drafts):] + drafts[:rep % len(drafts)]  # drift falls alike on every drafter
+                for draft in order:
                     result = await run_one(mesh, prompt, k=args.k, draft=draft, draft_max=args.draft_max,
                                            tokens=args.tokens)
                     rows.append({"kind": "point", "rtt_ms": rtt, "repeat": rep, "prompt": name, "prompt_kind": kind,

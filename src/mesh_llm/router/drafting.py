@@ -127,6 +127,11 @@ class ModelDrafter:
                     logits = self._feed([token])
         return Draft(tokens=tokens, probs=probs, seconds=time.perf_counter() - began)
 
+    def warm(self, context: list[int]) -> None:
+        """Fill the draft model's cache with context (the prompt) while the experts prefill theirs."""
+        with self.model.lock:
+            self._sync(context)
+
     def _sync(self, context: list[int]):
         common = 0
         limit = min(len(self.fed), len(context) - 1)  # re-feed at least the last token to get its logits

@@ -305,15 +305,32 @@ class Generation:
                 return await asyncio.to_thread(self.drafter.propose, state.context, gamma)
             return self.drafter.propose(state.context, gamma)
         except Exception as exc:  # a broken drafter costs speed, never the generation
-            log.exception("drafter failed; going on without drafts")
-            state.notes.append(f"drafting turned off after an error in the drafter: {exc}")
-            self.drafter = None
+            self._drop_drafter(state, exc)
             return Draft(tokens=[], probs=[])
+
+    def _drop_drafter(self, state: _State, exc: Exception) -> None:
+        log.exception("drafter failed; going on without drafts")
+        state.notes.append(f"drafting turned off after an error in the drafter: {exc}")
+        self.drafter = None
+
+    def _warm_drafter(self, state: _State) -> asyncio.Task | None:
+        """A model drafter's prompt prefill, run beside the experts' own (it would otherwise delay the first draft)."""
+        if not isinstance(self.drafter, ModelDrafter):
+            return None
+
+        async def warm() -> None:
+            try:
+                await asyncio.to_thread(self.drafter.warm, list(state.context))
+            except Exception as exc:  # a broken drafter costs speed, never the generation
+                self._drop_drafter(state, exc)
+
+        return asyncio.create_task(warm())
 
     async def _round(self, state: _State, checker: StopChecker) -> tuple[list[router_pb2.TokenEvent], str | None]:
         """One round trip: draft, ask the experts to verify every drafted position, accept a prefix plus one token."""
         round_began = time.perf_counter()
         draft = await self._draft(state)
+        warming = self._warm_drafter(state) if not state.held else None
         t0 = time.perf_counter()
         ranked = self._rank(state)
         select_s = time.perf_counter() - t0
@@ -337,6 +354,8 @@ class Generation:
         results = await gather_replies(ranked, k=wanted, extra=0 if ask_all else self.plan.extra,
                                        deadline_s=deadline, halt=self.halt, call=call)
         t1 = time.perf_counter()
+        if warming is not None:
+            await warming
         answered = self._account(results, state, timed_out=sum(r.ok for r in results) < wanted,
                                  deadline_ms=deadline * 1000)
         if tracker is not None:

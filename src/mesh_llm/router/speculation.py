@@ -25,24 +25,26 @@ class _Fit:
     y: float = 0.0
     xx: float = 0.0
     xy: float = 0.0
+    fitted_slope: float | None = None  # the latest slope measured while the drafted counts varied
 
     def add(self, x: float, y: float) -> None:
         for name, value in (("w", 1.0), ("x", x), ("y", y), ("xx", x * x), ("xy", x * y)):
             setattr(self, name, getattr(self, name) * DECAY + value)
 
     def line(self, prior_share: float) -> tuple[float, float]:
-        """(intercept, slope); while the drafted counts barely vary the slope is prior_share of the mean round."""
+        """(intercept, slope); while the drafted counts barely vary, the last fitted slope (or prior_share of the mean round)."""
         mx, my = self.x / self.w, self.y / self.w
         var = self.xx / self.w - mx * mx
-        slope = (self.xy / self.w - mx * my) / var if var > 0.25 else prior_share * my
-        slope = max(slope, 0.0)
+        if var > 0.25:
+            self.fitted_slope = max((self.xy / self.w - mx * my) / var, 0.0)
+        slope = self.fitted_slope if self.fitted_slope is not None else prior_share * my
         return max(my - slope * mx, 1e-6), slope
 
 
 class GammaController:
     """Chooses each round's draft length from the measured acceptance rate and costs, within 0..max_gamma."""
 
-    def __init__(self, max_gamma: int, *, start: int = 4, prior_acceptance: float = 0.6, probe_every: int = 8):
+    def __init__(self, max_gamma: int, *, start: int = 2, prior_acceptance: float = 0.6, probe_every: int = 8):
         self.max_gamma = max_gamma
         self.start = min(start, max_gamma)
         self.probe_every = probe_every
