@@ -66,6 +66,8 @@ def serve(
     max_sessions: int = typer.Option(64, help="Generation sessions held at once."),
     max_cache_mb: int = typer.Option(2048, help="KV-cache memory over all sessions, in MiB."),
     idle_s: float = typer.Option(300.0, help="Drop a session unused for this many seconds."),
+    max_batch: int = typer.Option(8, min=1, help="Run up to this many concurrent sessions' steps in one forward "
+                                  "pass (1: one step at a time)."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     delay_ms: float = typer.Option(0.0, help="Emulated network latency added to every Step reply (experiments)."),
     metrics_port: int = typer.Option(0, help="Serve Prometheus /metrics on this port, on --host (0 = off)."),
@@ -87,7 +89,8 @@ def serve(
         config = ExpertConfig(
             load=LoadOptions(model=model, quant=quant, dtype=dtype, device=device), host=host,
             port=port if port is not None else 0 if router_addr else DEFAULT_PORT,
-            limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s),
+            limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s,
+                                 max_batch=max_batch),
             router=router_addr, secret=secret, advertise=advertise, name=name, delay_ms=delay_ms,
             metrics_port=metrics_port or None, pull=pull, grace_s=grace_s,
         )

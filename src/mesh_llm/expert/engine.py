@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mesh_llm.errors import StatusError
-from mesh_llm.expert.sessions import SessionLimits, SessionStore
+from mesh_llm.expert.batching import StepCall, batch_groups, pack_caches, unpack_cache
+from mesh_llm.expert.sessions import Session, SessionLimits, SessionStore
 from mesh_llm.grpc_util import DEFAULT_MAX_MESSAGE
 from mesh_llm.models.loading import LoadedModel
 
@@ -42,7 +43,7 @@ class StepResult:
 
 
 class StepEngine:
-    """Runs model steps on sessions; call from a single thread (the service uses one worker)."""
+    """Runs model steps on sessions, concurrent ones batched; call from one thread (the service uses one worker)."""
 
     def __init__(self, loaded: LoadedModel, limits: SessionLimits = SessionLimits()):
         self.loaded = loaded
@@ -61,39 +62,84 @@ class StepEngine:
         scores[j] is the full-vocabulary log-probability of score_ids[j] after appended token j, from the
         same forward pass; value_bytes (4 for float32, 2 for float16) sizes the reply for the message limit.
         """
+        call = StepCall(session_id=session_id, start=start, tokens=tokens, top_k=top_k, all_positions=all_positions,
+                        score_ids=score_ids, value_bytes=value_bytes)
+        result = self.step_batch([call])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def step_batch(self, calls: Sequence[StepCall]) -> list[StepResult | Exception]:
+        """Run steps of distinct sessions (those appending equally many tokens in one pass); a result or error each."""
+        results: list[StepResult | Exception | None] = [None] * len(calls)
+        sessions: dict[int, Session] = {}
+        batch_ids = {call.session_id for call in calls}
+        for i, call in enumerate(calls):
+            try:
+                sessions[i] = self._open(call, batch_ids)
+            except StepError as exc:
+                results[i] = exc
+        ready = [i for i in range(len(calls)) if i in sessions]
+        self.sessions.enforce(keep=batch_ids, extra_tokens=sum(len(calls[i].tokens) for i in ready))
+        for group in batch_groups([calls[i] for i in ready]):
+            members = [ready[j] for j in group]
+            began = time.perf_counter()
+            try:
+                rows = self._forward([calls[i] for i in members], [sessions[i] for i in members])
+            except Exception as exc:
+                for i in members:
+                    self.sessions.drop(calls[i].session_id)  # a cache may hold a half-written step
+                    results[i] = exc
+                continue
+            elapsed = time.perf_counter() - began
+            self._account(len(members), sum(len(calls[i].tokens) for i in members), elapsed)
+            for i, (distributions, scores) in zip(members, rows):
+                results[i] = StepResult(distributions=distributions, session_length=len(sessions[i].tokens),
+                                        compute_ms=elapsed * 1000, scores=scores)
+        return results
+
+    def _open(self, call: StepCall, batch_ids: set[str]) -> Session:
+        """The call's session, validated, opened or rolled back to call.start."""
+        self._validate(call.session_id, call.start, call.tokens, call.top_k)
+        self._validate_scoring(call.tokens, call.top_k, call.all_positions, call.score_ids, call.value_bytes)
+        session = self.sessions.get(call.session_id)
+        if session is None:
+            if call.start != 0:
+                raise StepError("NOT_FOUND", f"session {call.session_id!r} is unknown or was evicted; "
+                                "open it again with start_position 0 and the full context")
+            session = self.sessions.create(call.session_id, self._new_cache(), keep=batch_ids)
+        held = len(session.tokens)
+        if call.start > held:
+            raise StepError("FAILED_PRECONDITION", f"session {call.session_id!r} holds {held} tokens, so "
+                            f"start_position {call.start} would leave a gap; send the tokens from position {held}")
+        if call.start < held:
+            self._crop(session, call.start)
+        return session
+
+    def _forward(self, calls: list[StepCall], sessions: list[Session]) -> list[tuple[list[TopKResult], np.ndarray]]:
+        """One model call for steps appending equally many tokens; extends each session; rows read per call."""
         import torch
 
-        self._validate(session_id, start, tokens, top_k)
-        self._validate_scoring(tokens, top_k, all_positions, score_ids, value_bytes)
-        session = self.sessions.get(session_id)
-        if session is None:
-            if start != 0:
-                raise StepError("NOT_FOUND", f"session {session_id!r} is unknown or was evicted; "
-                                "open it again with start_position 0 and the full context")
-            session = self.sessions.create(session_id, self._new_cache())
-        held = len(session.tokens)
-        if start > held:
-            raise StepError("FAILED_PRECONDITION", f"session {session_id!r} holds {held} tokens, so "
-                            f"start_position {start} would leave a gap; send the tokens from position {held}")
-        if start < held:
-            self._crop(session, start)
-        self.sessions.enforce(keep=session_id, extra_tokens=len(tokens))
-        began = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                ids = torch.tensor([tokens], dtype=torch.long, device=self.loaded.device)
-                keep = len(tokens) if all_positions or score_ids else 1  # row j follows appended token j
-                out = self.loaded.model(input_ids=ids, past_key_values=session.cache, use_cache=True,
-                                        logits_to_keep=keep)
-                distributions, scores = self._read_rows(out.logits[0], top_k, all_positions, score_ids)
-        except Exception:
-            self.sessions.drop(session_id)  # the cache may hold a half-written step
-            raise
-        session.tokens.extend(tokens)
-        elapsed = time.perf_counter() - began
-        self._account(len(tokens), elapsed)
-        return StepResult(distributions=distributions, session_length=len(session.tokens),
-                          compute_ms=elapsed * 1000, scores=scores)
+        model = self.loaded.model
+        count = len(calls[0].tokens)
+        keep = count if any(c.all_positions or c.score_ids for c in calls) else 1  # row j follows token j
+        with torch.inference_mode():
+            ids = torch.tensor([c.tokens for c in calls], dtype=torch.long, device=self.loaded.device)
+            if len(calls) == 1:
+                logits = model(input_ids=ids, cache=sessions[0].cache, use_cache=True, logits_to_keep=keep).logits
+            else:
+                lengths = [len(s.tokens) for s in sessions]
+                packed = pack_caches([s.cache for s in sessions], lengths, count, model.config, self.loaded.device)
+                logits = model(input_ids=ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
+                               cache=packed.cache, use_cache=True, logits_to_keep=keep).logits
+                for row, session in enumerate(sessions):
+                    session.cache = unpack_cache(packed, row, lengths[row] + count, model.config)
+            rows = []
+            for row, (call, session) in enumerate(zip(calls, sessions)):
+                own = logits[row] if call.all_positions or call.score_ids else logits[row, -1:]
+                rows.append(self._read_rows(own, call.top_k, call.all_positions, call.score_ids))
+                session.tokens.extend(call.tokens)
+        return rows
 
     def rollback(self, session_id: str, length: int) -> int:
         """Shorten a session to length tokens; returns the new length."""
@@ -226,9 +272,9 @@ class StepEngine:
         id_bytes = max(1, (max(self.loaded.vocab_size - 1, 1).bit_length() + 6) // 7)
         return positions * (top_k * (id_bytes + value_bytes) + 20) + scores * 4 + 64
 
-    def _account(self, tokens: int, elapsed: float) -> None:
-        self.steps += 1
+    def _account(self, steps: int, tokens: int, elapsed: float) -> None:
+        self.steps += steps
         self.tokens_processed += tokens
-        if tokens == 1 and elapsed > 0:
+        if tokens == steps and elapsed > 0:  # decode steps: each session gained one token in elapsed
             rate = 1.0 / elapsed
             self.tokens_per_second = rate if self.tokens_per_second == 0 else 0.9 * self.tokens_per_second + 0.1 * rate

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 # a decode step of a small model on a CPU is tens of milliseconds; a long prefill takes seconds
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 METHODS = ("Info", "Step", "Rollback", "CloseSession", "GetTokenizer")
 
 
@@ -36,6 +37,8 @@ class ExpertMetrics:
                                       buckets=STEP_BUCKETS, registry=r)
         self.tokens = Counter("mesh_expert_tokens", "Tokens appended to sessions by Step calls", registry=r)
         self.distributions = Counter("mesh_expert_distributions", "Top-k distributions returned", registry=r)
+        self.batch_size = Histogram("mesh_expert_batch_size", "Step calls run in one batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
         self.sessions = Gauge("mesh_expert_sessions", "Generation sessions held (KV caches)", registry=r)
         self.sessions.set_function(sessions)
         r.register(_Evictions(evictions))

@@ -1,4 +1,4 @@
-"""The Expert gRPC servicer: validates requests, runs the step engine on one worker thread, packs replies."""
+"""The Expert gRPC servicer: validates requests, batches steps on one worker thread, packs replies."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 import mesh_llm
+from mesh_llm.expert.batching import StepCall, StepGatherer
 from mesh_llm.expert.engine import StepEngine, StepError
 from mesh_llm.expert.metrics import ExpertMetrics
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc
@@ -30,6 +31,8 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
         self.failures: dict[str, int] = {}
         self.metrics = ExpertMetrics(sessions=lambda: len(engine.sessions),
                                      evictions=lambda: engine.sessions.evictions)
+        self.gatherer = StepGatherer(engine.step_batch, self._worker, engine.sessions.limits.max_batch,
+                                     on_batch=self.metrics.batch_size.observe)
 
     def info(self) -> expert_pb2.ExpertInfo:
         """This expert's ExpertInfo message."""
@@ -43,9 +46,13 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
         )
 
     async def _run(self, context: grpc.aio.ServicerContext, fn, *args):
+        return await self._answer(context, asyncio.get_running_loop().run_in_executor(self._worker, fn, *args))
+
+    async def _answer(self, context: grpc.aio.ServicerContext, work):
+        """The result of awaiting work; a failure aborts the call with its status, the server keeps serving."""
         self.requests += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+            return await work
         except StepError as exc:
             self.failures[exc.code] = self.failures.get(exc.code, 0) + 1
             self.metrics.failures.labels(exc.code).inc()
@@ -68,9 +75,10 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         value_bytes = 2 if request.encoding == expert_pb2.LOGPROB_F16 else 4
-        result = await self._run(context, self.engine.step, request.session_id, request.start_position,
-                                 list(request.tokens), request.top_k, request.all_positions,
-                                 list(request.score_ids), value_bytes)
+        call = StepCall(session_id=request.session_id, start=request.start_position, tokens=list(request.tokens),
+                        top_k=request.top_k, all_positions=request.all_positions,
+                        score_ids=list(request.score_ids), value_bytes=value_bytes)
+        result = await self._answer(context, self.gatherer.submit(call))
         self.metrics.step_seconds.observe(result.compute_ms / 1000)
         self.metrics.tokens.inc(len(request.tokens))
         self.metrics.distributions.inc(len(result.distributions))
@@ -106,5 +114,6 @@ class ExpertService(expert_pb2_grpc.ExpertServicer):
         await asyncio.get_running_loop().run_in_executor(self._worker, self.engine.sessions.enforce)
 
     def shutdown(self) -> None:
-        """Stop the worker thread."""
+        """Stop batching and the worker thread."""
+        self.gatherer.close()
         self._worker.shutdown(wait=False, cancel_futures=True)

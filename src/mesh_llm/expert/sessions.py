@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ class SessionLimits:
     max_sessions: int = 64  # sessions held at once
     max_bytes: int = 2 << 30  # KV-cache bytes over all sessions
     idle_s: float = 300.0  # a session unused this long is dropped
+    max_batch: int = 8  # concurrent sessions' steps run in one forward pass, at most this many (1 = one at a time)
 
 
 @dataclass(kw_only=True)
@@ -48,12 +49,12 @@ class SessionStore:
             self._sessions.move_to_end(session_id)
         return session
 
-    def create(self, session_id: str, cache: Any) -> Session:
-        """A new empty session (replacing any of the same id), evicting others if over the count bound."""
+    def create(self, session_id: str, cache: Any, keep: Collection[str] = ()) -> Session:
+        """A new empty session (replacing any of the same id), evicting others (never `keep`) over the count bound."""
         self._sessions.pop(session_id, None)
         session = Session(session_id=session_id, cache=cache, last_used=self.clock())
         self._sessions[session_id] = session
-        self.enforce(keep=session_id)
+        self.enforce(keep={session_id, *keep})
         return session
 
     def drop(self, session_id: str) -> bool:
@@ -68,16 +69,17 @@ class SessionStore:
         """Whether one session of extra_tokens tokens could ever fit the byte budget."""
         return extra_tokens * self.bytes_per_token <= self.limits.max_bytes
 
-    def enforce(self, keep: str | None = None, extra_tokens: int = 0) -> list[str]:
-        """Evict idle sessions, then least recently used ones over the bounds; never `keep`. Returns evicted ids."""
+    def enforce(self, keep: Collection[str] = (), extra_tokens: int = 0) -> list[str]:
+        """Evict idle sessions, then least recently used ones over the bounds, never those in keep; the evicted ids."""
+        keep = set(keep)
         now = self.clock()
         evicted = [sid for sid, s in self._sessions.items()
-                   if sid != keep and now - s.last_used > self.limits.idle_s]
+                   if sid not in keep and now - s.last_used > self.limits.idle_s]
         for sid in evicted:
             del self._sessions[sid]
         budget = self.limits.max_bytes - extra_tokens * self.bytes_per_token
         while len(self._sessions) > self.limits.max_sessions or self.total_bytes() > budget:
-            victim = next((sid for sid in self._sessions if sid != keep), None)
+            victim = next((sid for sid in self._sessions if sid not in keep), None)
             if victim is None:
                 break
             del self._sessions[victim]
