@@ -45,7 +45,8 @@ async def test_router_and_expert_metrics_scrape_and_count_a_generation(tiny_load
     assert _value(router, "mesh_api_requests_total", route="/v1/chat/completions", status="200") == 1
     served = [v for (name, _), v in router.items() if name == "mesh_router_expert_tokens_served_total"]
     assert sorted(served) == [n, n]
-    assert finish in ("stop", "length") and reason
+    assert finish in ("stop", "length")
+    assert _value(router, "mesh_router_generations_total", finish_reason=reason) == 1  # counted under its own reason
 
     for samples in expert_scrapes:
         assert _value(samples, "mesh_expert_requests_total", method="Step") == n

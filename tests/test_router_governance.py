@@ -90,7 +90,7 @@ async def test_halt_stops_every_stream_and_refuses_new_ones(tiny_loaded, tiny_mo
             assert state.halted and state.halted_by == "carol"
             assert [done.finish_reason for _, done, _ in results] == ["halted"] * 4
             assert all(0 < tokens < 200 for tokens, _, _ in results)
-            assert max(end for _, _, end in results) - sent < 2.0
+            assert max(end for _, _, end in results) - sent < 1.0  # the router's own streams, within a second
 
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await mesh.generate(prompt=PROMPT, max_tokens=4)

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mesh_llm.router import selection
 from mesh_llm.router.selection import (
     Candidate,
     GatedPolicy,
@@ -78,10 +79,11 @@ def test_latency_bounds_and_orders_by_rtt():
     assert ids(strict.select(pool, 5, np.random.default_rng(0))) == ["e03", "e02"]
 
 
-def test_learned_gate_interface():
+def test_learned_gate_interface(monkeypatch):
     def gate(candidates, context):
         return np.array([float(c.expert_id[-1]) + (context.position if context else 0) for c in candidates])
 
+    monkeypatch.setattr(selection, "_POLICIES", dict(selection._POLICIES))  # the test's policy leaves with the test
     register_policy("test-gate", lambda: GatedPolicy(gate=gate))
     picked = get_policy("test-gate").select(POOL, 2, np.random.default_rng(0))
     assert ids(picked) == ["e07", "e06"]
