@@ -68,6 +68,32 @@ def keys_new(name: str = typer.Argument(..., help="Key (and member) name.")) -> 
         typer.echo(ops.new_key(name))
 
 
+@keys_app.command("list")
+def keys_list() -> None:
+    """Print every key under MESH_HOME/keys with its public key (what `mesh members add` takes)."""
+    from mesh_llm.governance import keys
+    from mesh_llm.governance.errors import KeyStoreError
+
+    with friendly_errors():
+        names = keys.key_names()
+        if not names:
+            typer.echo(f"no keys in {keys.keys_dir()}; create one with `mesh keys new NAME`")
+        for name in names:
+            try:
+                typer.echo(f"{name}  {keys.public_key_of(name)}")
+            except KeyStoreError as exc:
+                typer.echo(f"{name}  unusable: {exc}")
+
+
+@keys_app.command("show")
+def keys_show(name: str = typer.Argument(..., help="Key name.")) -> None:
+    """Print the public key of key NAME again."""
+    from mesh_llm.governance import keys
+
+    with friendly_errors():
+        typer.echo(keys.public_key_of(name))
+
+
 @members_app.command("add")
 def members_add(name: str, public_key: str = typer.Argument(..., help="Base64 public key from `mesh keys new`."),
                 role: str = typer.Option("member", "--role", help="member (votes, halts, resumes, proposes) or "

@@ -14,19 +14,22 @@ app = typer.Typer(
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug detail to stderr.")) -> None:
+def main(ctx: typer.Context,
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log to stderr, with debug detail (commands "
+                                      "other than `mesh router` and `mesh demo` log nothing without it).")) -> None:
     """mesh-llm operator, researcher and governance commands."""
-    logs.configure(verbose)
+    logs.configure(verbose, quiet=ctx.invoked_subcommand not in logs.SERVICE_COMMANDS)
 
 
 def _register_groups() -> None:
-    from mesh_llm.cli import agent_cmd, finetune_cmd, governance_cmd, models_cmd, router_cmd
+    from mesh_llm.cli import agent_cmd, credits_cmd, finetune_cmd, governance_cmd, models_cmd, router_cmd
 
     router_cmd.register(app)
     models_cmd.register(app)
     governance_cmd.register(app)
     agent_cmd.register(app)
     finetune_cmd.register(app)
+    credits_cmd.register(app)
 
 
 _register_groups()

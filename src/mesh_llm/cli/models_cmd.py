@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -14,17 +15,23 @@ models_app = typer.Typer(help="The model catalog: list, pull, verify and remove 
 
 @models_app.command("list")
 def list_models() -> None:
-    """Catalog entries: name, size, source, and whether the files are on disk."""
+    """Catalog entries: name and description, size, whether the files are on disk, and their source."""
     from mesh_llm.models.catalog import all_entries
     from mesh_llm.models.fetch import is_fetched
 
     with friendly_errors():
-        table = Table("name", "params", "source", "on disk", "description")
-        for entry in all_entries():
+        entries = all_entries()
+        # names never break; descriptions and sources fold, so 80 columns stay readable
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, leading=1, expand=True)
+        table.add_column("model", min_width=max(len(e.name) for e in entries), ratio=2, overflow="fold")
+        table.add_column("params", no_wrap=True)
+        table.add_column("on disk", no_wrap=True)
+        table.add_column("source", ratio=1, overflow="fold")
+        for entry in entries:
             src = entry.source
             where = getattr(src, "package", None) or getattr(src, "repo_id", None) or str(getattr(src, "path", ""))
-            table.add_row(entry.name, entry.approx_params, where, "yes" if is_fetched(entry) else "no",
-                          entry.description)
+            table.add_row(f"[bold]{entry.name}[/bold]\n[dim]{entry.description}[/dim]", entry.approx_params,
+                          "yes" if is_fetched(entry) else "no", where)
         console.print(table)
 
 

@@ -80,3 +80,13 @@ def load_key(name: str) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyStoreError(f"{path} is not an Ed25519 key")
     return key
+
+
+def key_names() -> list[str]:
+    """Names of the private keys under MESH_HOME/keys, sorted."""
+    return sorted(p.stem for p in keys_dir().glob("*.key"))
+
+
+def public_key_of(name: str) -> str:
+    """The base64 public key of the stored private key called name (to paste into `mesh members add`)."""
+    return public_key_b64(load_key(name))

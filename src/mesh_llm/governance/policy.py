@@ -224,3 +224,30 @@ def add_member(path: Path, name: str, public_key: str, *, role: str = "member") 
     load_members(path)
     log.info("added member %s to %s", member.name, path)
     return member
+
+
+class TrustRootWatch:
+    """Notices edits of a trust root's policy.toml and members.toml (by content) between two looks."""
+
+    FILES = ("policy.toml", "members.toml")
+
+    def __init__(self, folder: Path) -> None:
+        """Watch folder; its files as they are now count as seen."""
+        self.folder = folder
+        self._seen = self._contents()
+
+    def _contents(self) -> dict[str, bytes | None]:
+        found: dict[str, bytes | None] = {}
+        for name in self.FILES:
+            try:
+                found[name] = (self.folder / name).read_bytes()
+            except FileNotFoundError:
+                found[name] = None
+        return found
+
+    def changed(self) -> list[str]:
+        """Names of the files whose content differs from the last look (they count as seen from now on)."""
+        now = self._contents()
+        names = [name for name in self.FILES if now[name] != self._seen[name]]
+        self._seen = now
+        return names

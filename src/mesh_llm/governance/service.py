@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from mesh_llm.governance import convert
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.errors import GovernanceError
+from mesh_llm.governance.policy import TrustRootWatch, load_policy
 from mesh_llm.pb import governance_pb2 as pb
 from mesh_llm.pb import governance_pb2_grpc as pb_grpc
 
@@ -25,8 +27,25 @@ class GovernanceServicer(pb_grpc.GovernanceServicer):
     """Answers Governance RPCs; a refusal becomes a status code carrying the error's message."""
 
     def __init__(self, governance: Governance) -> None:
-        """Serve this Governance."""
+        """Serve this Governance; edits of its trust root's files take effect at the next call."""
         self.gov = governance
+        self._root = TrustRootWatch(governance.root.path) if governance.root is not None else None
+        self._reload_lock = threading.Lock()
+
+    def _reload_edited(self) -> None:
+        """Re-read policy.toml and members.toml if they changed since the last call (`mesh members add`, an edit)."""
+        if self._root is None:
+            return
+        with self._reload_lock:
+            edited = self._root.changed()
+            try:
+                if "policy.toml" in edited:
+                    self.gov.policy = load_policy(self._root.folder / "policy.toml")
+                    log.info("reloaded %s", self._root.folder / "policy.toml")
+                if "members.toml" in edited:
+                    self.gov.reload_members()
+            except GovernanceError as exc:
+                log.error("%s; governance keeps the files it had until they are fixed", exc)
 
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):
         try:
@@ -41,6 +60,7 @@ class GovernanceServicer(pb_grpc.GovernanceServicer):
 
     async def _store(self, context: grpc.aio.ServicerContext, fn, *args, **kwargs):
         """fn on the store in a worker thread (see Governance.off_loop); a refusal becomes a status code."""
+        await self.gov.off_loop(self._reload_edited)
         return await self._call(context, self.gov.off_loop, fn, *args, **kwargs)
 
     async def HaltMesh(self, request, context):  # noqa: N802

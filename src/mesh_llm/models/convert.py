@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mesh_llm.errors import MeshError
-from mesh_llm.models.checks import ModelFileError, check_checkpoint
+from mesh_llm.models.checks import ModelFileError, check_checkpoint, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST = "mesh_manifest.json"
@@ -42,13 +42,24 @@ def file_lock(path: Path, doing: str) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _source_stamp(gguf: Path) -> dict:
+def _source_stamp(gguf: Path, sha256: str | None = None) -> dict:
     stat = gguf.stat()
-    return {"source": str(gguf), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
+    return {"source": str(gguf), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
+            "source_sha256": sha256 or sha256_file(gguf)}
+
+
+def _write_manifest(folder: Path, stamp: dict) -> None:
+    staged = folder / f"{MANIFEST}.{uuid.uuid4().hex[:8]}"
+    staged.write_text(json.dumps(stamp, indent=1))
+    staged.replace(folder / MANIFEST)
 
 
 def is_converted(gguf: Path, out_dir: Path) -> bool:
-    """Whether out_dir holds a complete conversion of this very GGUF file."""
+    """Whether out_dir holds a complete conversion of a GGUF file with the same sha256 as this one.
+
+    The digest is the key, so a copied or moved MESH_HOME keeps its cache; the file's path, size and
+    mtime only spare re-hashing a file that has not changed since it was last hashed.
+    """
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
         return False
@@ -57,8 +68,19 @@ def is_converted(gguf: Path, out_dir: Path) -> bool:
         check_checkpoint(out_dir, "it will be converted again")
     except (ValueError, ModelFileError):
         return False
-    stamp = _source_stamp(gguf)
-    return all(recorded.get(k) == v for k, v in stamp.items())
+    stat = gguf.stat()
+    if recorded.get("source_size") != stat.st_size:
+        return False
+    if recorded.get("source") == str(gguf) and recorded.get("source_mtime_ns") == stat.st_mtime_ns:
+        return True
+    if "source_sha256" not in recorded:
+        return False
+    digest = sha256_file(gguf)
+    if digest != recorded["source_sha256"]:
+        return False
+    log.info("%s has the digest the converted checkpoint was made from: reusing %s", gguf.name, out_dir)
+    _write_manifest(out_dir, _source_stamp(gguf, digest))
+    return True
 
 
 def _install(staging: Path, out_dir: Path) -> None:
@@ -101,7 +123,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         model.hf_quantizer = None  # the weights are plain float32 now
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / MANIFEST).write_text(json.dumps(_source_stamp(gguf), indent=1))
+        _write_manifest(staging, _source_stamp(gguf))
         _install(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename

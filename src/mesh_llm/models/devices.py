@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -19,8 +22,27 @@ class DeviceReport:
     bf16_supported: bool  # whether bfloat16 tensors work here
 
 
+@contextlib.contextmanager
+def _quiet_bitsandbytes() -> Iterator[None]:
+    """Hide bitsandbytes' notes about optional kernels: the probe's own result says whether NF4 works."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def probe_nf4(device: str) -> tuple[bool, str]:
     """Quantise a small linear layer to NF4 on device, run it, and compare with float32."""
+    with _quiet_bitsandbytes():
+        return _run_nf4(device)
+
+
+def _run_nf4(device: str) -> tuple[bool, str]:
     try:
         import bitsandbytes as bnb
         import torch

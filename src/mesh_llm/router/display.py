@@ -44,9 +44,12 @@ class StreamPrinter:
     def done(self, done: router_pb2.GenerationDone) -> None:
         """Print the finish reason, speed, notes and who contributed."""
         self.console.print()
-        self.console.print(
-            f"[dim]finish: {done.finish_reason} · {done.completion_tokens} tokens · "
-            f"{done.tokens_per_second:.2f} tokens/s · first token after {done.time_to_first_token_s:.2f} s[/dim]")
+        if done.completion_tokens:
+            self.console.print(
+                f"[dim]finish: {done.finish_reason} · {done.completion_tokens} tokens · "
+                f"{done.tokens_per_second:.2f} tokens/s · first token after {done.time_to_first_token_s:.2f} s[/dim]")
+        else:
+            self.console.print(f"[red]finish: {done.finish_reason} before the first token[/red]")
         for note in done.notes:
             self.console.print(f"[yellow]note:[/yellow] {note}")
         if self.styles:

@@ -14,14 +14,18 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh_llm.auth import Credentials, bearer_of, expert_token, token_expert
 from mesh_llm.errors import MeshError
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.errors import MeshHalted
 from mesh_llm.governance.killswitch import HaltSwitch
 from mesh_llm.grpc_util import channel
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
+from mesh_llm.router.checkpoints import Checkpoint, CheckpointStore, ResumeRefused
+from mesh_llm.router.credits import Admission, CreditLedger, CreditPolicy
 from mesh_llm.router.drafting import DraftModels
 from mesh_llm.router.generation import Generation, GenerationError
+from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import AddressTaken, ExpertSpec, Registry
 from mesh_llm.router.scoring import ScoringError, score_request
@@ -55,7 +59,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def __init__(self, *, registry: Registry, settings: MeshSettings, secret: str, governance: Governance,
                  pool: ExpertPool | None = None, tokenizers: TokenizerCache | None = None,
-                 halt_grace_s: float = 0.5):
+                 halt_grace_s: float = 0.5, credits: CreditLedger | None = None,
+                 checkpoints: CheckpointStore | None = None, credit_policy: CreditPolicy = CreditPolicy()):
         """Serve over this registry and settings; governance's halt switch gates every generation."""
         self.registry = registry
         self.settings = settings
@@ -69,11 +74,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.active: set[asyncio.Task] = set()
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) of finished generations
         self._rounds: deque[router_pb2.GenerationDone] = deque(maxlen=64)  # summaries of recent generations
-
-    async def _check_secret(self, given: str, context) -> None:
-        if not hmac.compare_digest(given.encode(), self.secret.encode()):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "wrong or missing mesh secret; join with the invite token `mesh router serve` printed")
+        self.credits = credits  # donors' credits for the tokens their experts contribute
+        self.checkpoints = checkpoints  # generation checkpoints, for --resume
+        self.admission = Admission(credit_policy)  # who runs when the mesh is busy
+        self.running_ids: set[str] = set()  # ids of the generations streaming now
+        if credits is not None:
+            router_metrics(registry).watch_credits(credits.rows)
 
     def identity(self, expert_key: str) -> str:
         """The registrant identity an expert key stands for (bound to the mesh secret)."""
@@ -84,7 +90,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return self.settings.family or self.tokenizers.first_family or ""
 
     async def RegisterExpert(self, request, context):
-        await self._check_secret(request.mesh_secret, context)
         address = request.address.strip()
         if not _is_host_port(address):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -92,20 +97,28 @@ class RouterService(router_pb2_grpc.RouterServicer):
         identity = self.identity(request.expert_key)
         try:
             self.registry.check_address(address, identity)  # refused before the address is contacted
-            spec = await self._checked_spec(address)
+            credentials = Credentials(expert_key=request.expert_key, pin=request.tls_fingerprint)
+            spec = await self._checked_spec(address, credentials)
             expert_id = self.registry.register(address, spec, name=request.name, identity=identity)
+            if self.credits is not None:
+                self.credits.bind(expert_id, identity if request.expert_key else "")
         except AddressTaken as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except _Refused as exc:
             log.warning("registration of %s refused: %s", address, exc)
             await context.abort(exc.code, str(exc))
         await self.pool.forget(address)  # a restarted expert at the same address gets a fresh channel
-        return router_pb2.RegisterExpertReply(expert_id=expert_id,
+        self.pool.remember(address, credentials)
+        return router_pb2.RegisterExpertReply(expert_id=expert_id, expert_token=expert_token(self.secret, expert_id),
                                               heartbeat_interval_s=self.registry.config.heartbeat_interval_s)
 
-    async def _checked_spec(self, address: str) -> ExpertSpec:
+    async def _checked_spec(self, address: str, credentials: Credentials) -> ExpertSpec:
         """The expert's spec from its own Info answer, after its tokenizer files matched its fingerprint."""
-        async with channel(address) as ch:
+        try:
+            ch = channel(address, credentials=credentials)
+        except MeshError as exc:  # e.g. its TLS certificate is not the one it named
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        async with ch:
             stub = expert_pb2_grpc.ExpertStub(ch)
             try:
                 info = await stub.Info(expert_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S)
@@ -132,30 +145,29 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return ExpertSpec.from_proto(info)
 
     async def Heartbeat(self, request, context):
-        await self._check_secret(request.mesh_secret, context)
-        await self._check_owner(request.expert_id, request.expert_key, context)
+        await self._check_token(request.expert_id, context)
         known = self.registry.heartbeat(request.expert_id, active_sessions=request.active_sessions,
                                         tokens_per_second=request.tokens_per_second)
         return router_pb2.HeartbeatReply(known=known)
 
     async def Deregister(self, request, context):
-        await self._check_secret(request.mesh_secret, context)
-        await self._check_owner(request.expert_id, request.expert_key, context)
+        await self._check_token(request.expert_id, context)
         # its channel stays open: Step calls already under way may still finish within the expert's grace period
         return router_pb2.DeregisterReply(known=self.registry.deregister(request.expert_id, reason=request.reason))
 
-    async def _check_owner(self, expert_id: str, expert_key: str, context) -> None:
-        if not self.registry.owned_by(expert_id, self.identity(expert_key)):
+    async def _check_token(self, expert_id: str, context) -> None:
+        """PERMISSION_DENIED unless the call's expert token (checked by auth.RouterAuth) was issued to expert_id."""
+        if token_expert(self.secret, bearer_of(context.invocation_metadata())) != expert_id:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"expert {expert_id} was registered with another expert key")
+                                f"the expert token of this call was not issued to expert {expert_id}")
 
     async def ListExperts(self, request, context):
-        return router_pb2.ListExpertsReply(experts=[r.to_proto() for r in self.registry.experts()])
+        return router_pb2.ListExpertsReply(experts=[r.to_proto() for r in self.registry.listed(request.all)])
 
     async def GetRouterStatus(self, request, context):
         s, switch = self.settings, self.governance.switch
         return router_pb2.RouterStatus(
-            experts=[r.to_proto() for r in self.registry.experts()], default_k=s.default_k,
+            experts=[r.to_proto() for r in self.registry.listed(request.all)], default_k=s.default_k,
             default_policy=s.default_policy, default_mix=s.default_mix, halted=switch.is_halted,
             halt_reason=switch.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
             active_generations=len(self.active), phase=self.governance.phase().phase,
@@ -182,25 +194,47 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"the mesh is halted ({self.governance.switch.reason}); "
                                 "a quorum of `mesh resume` votes lifts it")
+        credits = self.credits.balance(self.identity(request.donor_key)) if self.credits and request.donor_key else 0
+        async with self.admission.slot(credits):
+            async for event in self._generate(request, context):
+                yield event
+
+    async def _generate(self, request, context):
         try:
+            resume = self._resumable(request.resume_id) if request.resume_id else None
             generation = Generation(request=request, registry=self.registry, pool=self.pool,
                                     tokenizers=self.tokenizers, settings=self.settings, halt=self.halt,
-                                    draft_models=self.draft_models)
+                                    draft_models=self.draft_models, credits=self.credits,
+                                    checkpoints=self.checkpoints, resume=resume)
             await generation.start()
-        except GenerationError as exc:
+        except (GenerationError, ResumeRefused) as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         task = asyncio.current_task()
         self.active.add(task)
+        self.running_ids.add(generation.session_id)
         tokens = 0
         try:
             async for event in self._halt_bounded(generation.run()):
                 tokens += event.HasField("token")
                 if event.HasField("done") and event.done.rounds:
                     self._rounds.append(event.done)
+                if event.HasField("done") and event.done.finish_reason == "halted":
+                    event.done.notes.append(f"the mesh was halted ({self.governance.switch.reason}); a quorum of "
+                                            "`mesh resume` votes lifts it")
                 yield event
         finally:
             self.active.discard(task)
+            self.running_ids.discard(generation.session_id)
             self._recent.append((time.monotonic(), tokens))
+
+    def _resumable(self, generation_id: str) -> Checkpoint:
+        """The checkpoint to resume; ResumeRefused when checkpoints are off, it is running or cannot resume."""
+        if self.checkpoints is None:
+            raise ResumeRefused("FAILED_PRECONDITION", "this router keeps no generation checkpoints; start it with "
+                                "`mesh router serve --checkpoint-every N`")
+        if generation_id in self.running_ids:
+            raise ResumeRefused("ALREADY_EXISTS", f"generation {generation_id} is running on this router now")
+        return self.checkpoints.load(generation_id)
 
     async def Score(self, request, context):
         if self.governance.switch.is_halted:
