@@ -18,6 +18,7 @@ from mesh_llm.models.catalog import UnknownModel
 from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
 from mesh_llm.router.constrain import BadSchema, SchemaConstraint
+from mesh_llm.router.detokenize import IncrementalText
 from mesh_llm.router.drafting import (Draft, DraftMismatch, DraftModels, DraftSpec, ModelDrafter, NgramDrafter,
                                       check_gamma, parse_draft)
 from mesh_llm.router.metrics import outcome_kind, router_metrics
@@ -166,6 +167,7 @@ class Generation:
         first = self.registry.get(family[0].expert_id)
         try:
             self.tokenizer = await self.tokenizers.get(self.fingerprint, self.pool.stub(first.address))
+            self.detokenizer = IncrementalText(self.tokenizer)
         except Exception as exc:
             raise GenerationError("UNAVAILABLE", f"could not get the tokenizer from expert {first.expert_id}: "
                                   f"{exc}") from None
@@ -431,7 +433,7 @@ class Generation:
         """Append a chosen token, check for the end and build its event (text held back near a stop string)."""
         state.context.append(choice.token_id)
         state.completion.append(choice.token_id)
-        text = self.tokenizer.decode(state.completion, skip_special_tokens=True)
+        text = self.detokenizer.update(state.completion)
         reason = checker.update(choice.token_id, text)
         if reason is None and self.constraint is not None and self.constraint.finished:
             reason = "stop"  # the grammar's output is complete

@@ -166,7 +166,9 @@ class StopChecker:
         return self.finish_reason
 
     def _find_stop(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        # text that only grew since the last call is searched from where a stop string could first end anew
+        start = len(self.text) if text.startswith(self.text) else 0
+        hits = [i for i in (text.find(s, max(start - len(s) + 1, 0)) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
     def streamable(self) -> str:
