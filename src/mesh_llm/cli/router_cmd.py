@@ -59,9 +59,16 @@ def serve(
     new_api_key: bool = typer.Option(False, help="Make a random API key, add it to MESH_HOME/api_keys and use it."),
     console_page: bool = typer.Option(False, "--console", help="Serve the web console at /console on the API port."),
     grace_s: float = typer.Option(5.0, help="On SIGTERM or Ctrl-C, running generations get this long to finish."),
+    checkpoint_every: int = typer.Option(16, help="Save each generation's state in the store every N tokens, so "
+                                         "`mesh generate --resume ID` continues it after a restart (0 = off)."),
+    max_active: int = typer.Option(0, help="Generations run at once; more wait for a slot (the mesh is busy) "
+                                   "(0 = no limit)."),
+    credit_priority: bool = typer.Option(False, help="When busy, start waiting clients whose donor key has the most "
+                                         "credits first (else first come, first served)."),
 ) -> None:
     """Serve the Router service and print the invite token donors pass to `mesh-expert serve --join`."""
     from mesh_llm.cli.expert_cmd import stop_on_signals
+    from mesh_llm.router.credits import CreditPolicy
     from mesh_llm.router.server import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
 
@@ -73,6 +80,8 @@ def serve(
         settings.validate()
     except ValueError as exc:  # a setting no generation could use: say which, without a traceback
         raise typer.BadParameter(str(exc)) from None
+    if checkpoint_every < 0 or max_active < 0:
+        raise typer.BadParameter("--checkpoint-every and --max-active take 0 (off) or a positive number")
 
     async def run() -> None:
         from mesh_llm.api import ApiConfig, client_settings, start_api
@@ -80,7 +89,10 @@ def serve(
         from mesh_llm.api.server import DEFAULT_API_PORT
 
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
-                                                  settings=settings, governance_dir=governance))
+                                                  settings=settings, governance_dir=governance,
+                                                  checkpoint_every=checkpoint_every,
+                                                  credits=CreditPolicy(max_active=max_active,
+                                                                       by_credits=credit_priority)))
         api = None
         try:
             stop = stop_on_signals()
@@ -130,7 +142,8 @@ def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:
 
 
 def generate(
-    prompt: str = typer.Argument(..., help="The prompt (sent through the chat template unless --raw)."),
+    prompt: str = typer.Argument("", help="The prompt (sent through the chat template unless --raw); none with "
+                                 "--resume."),
     k: int = typer.Option(0, help="Experts mixed per token (0: router default)."),
     policy: str = typer.Option("", help="random, capacity, latency, posterior or posterior-prompt (default: router's)."),
     mix: str = typer.Option("", help="linear or geometric (default: router's)."),
@@ -147,6 +160,10 @@ def generate(
     draft_max: int = typer.Option(0, help="Most tokens drafted per round, 1..16 (0: router default)."),
     raw: bool = typer.Option(False, help="Send the prompt as is, without the chat template."),
     router: str = typer.Option(None, help=ROUTER_HELP),
+    resume: str = typer.Option("", help="Continue generation ID from its last checkpoint (after a router restart); "
+                               "the prompt and other options are those of the first run."),
+    donor_key: str = typer.Option("", envvar="MESH_DONOR_KEY", help="Your donor key (the expert key your experts "
+                                  "register with): a router started with --credit-priority serves you by credits."),
 ) -> None:
     """Generate through the mesh, streaming tokens coloured by the experts that produced them."""
     from mesh_llm.pb import router_pb2
@@ -161,12 +178,23 @@ def generate(
         fields["seed"] = seed
     if extra is not None:
         fields["extra"] = extra
-    request = router_pb2.GenerateRequest(**fields)
+    request = router_pb2.GenerateRequest(**fields, donor_key=donor_key)
+    if resume:
+        request = router_pb2.GenerateRequest(resume_id=resume, donor_key=donor_key)
+    elif not prompt:
+        raise typer.BadParameter("give a prompt, or --resume ID to continue a generation")
+
+    async def announced(events):
+        async for event in events:
+            if event.HasField("token") and event.token.generation_id:
+                Console(stderr=True).print(f"[dim]generation {event.token.generation_id} (after a router restart: "
+                                           f"mesh generate --resume {event.token.generation_id})[/dim]")
+            yield event
 
     async def run():
         names = {e.expert_id: e.name for e in (await router_status(address)).experts}
         printer = StreamPrinter(console, names)
-        return await print_stream(printer, stream_generate(address, request))
+        return await print_stream(printer, announced(stream_generate(address, request)))
 
     with friendly_errors():
         done = asyncio.run(run())

@@ -17,7 +17,9 @@ from mesh_llm.errors import MeshError, StatusError
 from mesh_llm.models.catalog import UnknownModel
 from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
+from mesh_llm.router.checkpoints import FINISHED, Checkpoint, CheckpointStore, Snapshot, restore_rngs
 from mesh_llm.router.constrain import BadSchema, SchemaConstraint
+from mesh_llm.router.credits import CreditLedger
 from mesh_llm.router.detokenize import IncrementalText
 from mesh_llm.router.drafting import (Draft, DraftMismatch, DraftModels, DraftSpec, ModelDrafter, NgramDrafter,
                                       check_gamma, parse_draft)
@@ -25,7 +27,7 @@ from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.posterior import POSTERIOR_POLICIES, PosteriorTracker, mixing_weights
 from mesh_llm.router.registry import ONLINE, SUSPECT, ExpertRecord, Registry
-from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker
+from mesh_llm.router.sampling import Choice, Sampler, SamplingConfig, StopChecker
 from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.speculation import GammaController
@@ -102,6 +104,7 @@ class _State:
     rounds: int = 0  # round trips to the experts so far
     drafted: int = 0  # tokens the drafter proposed
     accepted: int = 0  # drafted tokens the mixture accepted
+    logged: list[tuple[int, float, list[str]]] = field(default_factory=list)  # (token, logprob, experts) per token
 
 
 class Generation:
@@ -109,8 +112,13 @@ class Generation:
 
     def __init__(self, *, request: router_pb2.GenerateRequest, registry: Registry, pool: ExpertPool,
                  tokenizers: TokenizerCache, settings: MeshSettings, halt: asyncio.Event | None = None,
-                 draft_models: DraftModels | None = None):
+                 draft_models: DraftModels | None = None, credits: CreditLedger | None = None,
+                 checkpoints: CheckpointStore | None = None, resume: Checkpoint | None = None):
+        request = resume.request if resume is not None else request
         self.request = request
+        self.credits = credits  # credits each mixed expert's donor per token
+        self.checkpoints = checkpoints  # where the state is saved every few tokens
+        self.resume = resume  # the checkpoint this generation continues from
         self.settings = settings
         self.draft_models = draft_models or DraftModels()
         self.registry = registry
@@ -118,11 +126,13 @@ class Generation:
         self.tokenizers = tokenizers
         self.plan = plan_from_request(request, settings)
         self.halt = halt
-        self.session_id = f"g-{uuid.uuid4().hex}"
+        self.session_id = resume.generation_id if resume is not None else f"g-{uuid.uuid4().hex}"
         self.policy = get_policy(self.plan.policy, **({"max_rtt_ms": settings.latency_bound_ms}
                                                        if self.plan.policy == "latency" else {}))
         self.rng = np.random.default_rng(self.plan.seed)
         self.sampler = Sampler(self.plan.sampling, seed=self.plan.seed)
+        if resume is not None:
+            restore_rngs(resume.snapshot, selection=self.rng, sampler=self.sampler.rng)
         self.tracker = (PosteriorTracker(settings.posterior_config(prompt_only=self.plan.policy == "posterior-prompt"))
                         if self.plan.policy in POSTERIOR_POLICIES else None)
         self.metrics = router_metrics(registry)
@@ -252,12 +262,16 @@ class Generation:
         """Yield one event per token, then a final GenerationDone; closes expert sessions at the end."""
         state = _State(context=list(self.prompt_ids), notes=list(self.notes))
         checker = StopChecker(stop=self.plan.stop, max_tokens=self.max_tokens, eos_ids=self.eos_ids)
+        replayed = self._replay(state, checker) if self.resume is not None else []
+        checkpointed = len(state.completion)
         began = time.perf_counter()
         first_token_at = None
         reason = None
         metrics = self.metrics
         metrics.active.inc()
         try:
+            for event in replayed:
+                yield router_pb2.GenerateEvent(token=event)
             while reason is None:
                 if self.halt is not None and self.halt.is_set():
                     reason = "halted"
@@ -277,22 +291,72 @@ class Generation:
                     metrics.token_seconds.observe((now - round_began) / len(events))
                 if first_token_at is None:
                     first_token_at = now
+                    if events and not replayed:
+                        events[0].generation_id = self.session_id
                     metrics.first_token_seconds.observe(now - began)
+                state.logged.extend((e.token_id, e.logprob, list(e.expert_ids)) for e in events)
+                if reason is None and self.checkpoints is not None and self.checkpoints.due(len(state.completion),
+                                                                                            checkpointed):
+                    await self._checkpoint(state)
+                    checkpointed = len(state.completion)
                 for event in events:
                     yield router_pb2.GenerateEvent(token=event)
         finally:
             metrics.active.dec()
             metrics.generations.labels(reason or "cancelled").inc()
-            metrics.completion_tokens.inc(len(state.completion))
+            metrics.completion_tokens.inc(len(state.completion) - len(replayed))
             metrics.rounds.inc(state.rounds)
+            self._settle(state, reason)
             self._close_sessions(state)
         elapsed = time.perf_counter() - began
         yield router_pb2.GenerateEvent(done=router_pb2.GenerationDone(
             finish_reason=reason, prompt_tokens=len(self.prompt_ids), completion_tokens=len(state.completion),
-            tokens_per_second=len(state.completion) / elapsed if elapsed > 0 else 0.0,
+            tokens_per_second=(len(state.completion) - len(replayed)) / elapsed if elapsed > 0 else 0.0,
             time_to_first_token_s=(first_token_at - began) if first_token_at else 0.0,
             text=checker.text, notes=state.notes, rounds=state.rounds, drafted_tokens=state.drafted,
-            accepted_tokens=state.accepted))
+            accepted_tokens=state.accepted, generation_id=self.session_id))
+
+    def _replay(self, state: _State, checker: StopChecker) -> list[router_pb2.TokenEvent]:
+        """Restore the checkpoint's tokens into state and checker; their events, marked replayed."""
+        snap = self.resume.snapshot
+        events = []
+        for token_id, logprob, experts in zip(snap.completion, snap.logprobs, snap.experts):
+            if self.constraint is not None:
+                self.constraint.consume(token_id)
+            event, _ = self._emit(state, checker, Choice(token_id=token_id, logprob=logprob), [], drafted=False)
+            event.expert_ids.extend(experts)
+            event.replayed = True
+            events.append(event)
+        state.logged = list(zip(snap.completion, snap.logprobs, snap.experts))
+        state.held, state.notes = dict(snap.held), list(snap.notes)
+        state.rounds, state.drafted, state.accepted = snap.rounds, snap.drafted, snap.accepted
+        if events:
+            events[0].generation_id = self.session_id
+        return events
+
+    async def _checkpoint(self, state: _State) -> None:
+        """Save the state a restarted router needs to go on from here, and the credits earned so far."""
+        snapshot = Snapshot(completion=list(state.completion), logprobs=[t[1] for t in state.logged],
+                            experts=[t[2] for t in state.logged], held=dict(state.held), rounds=state.rounds,
+                            drafted=state.drafted, accepted=state.accepted, notes=list(state.notes),
+                            selection_rng=self.rng.bit_generator.state,
+                            sampler_rng=self.sampler.rng.bit_generator.state)
+        try:
+            await asyncio.to_thread(self.checkpoints.save, self.session_id, self.request, snapshot)
+            if self.credits is not None:
+                await asyncio.to_thread(self.credits.flush)
+        except Exception:  # a store hiccup costs resumability, never the generation
+            log.exception("could not checkpoint generation %s", self.session_id)
+
+    def _settle(self, state: _State, reason: str | None) -> None:
+        """At the end: write the credits earned and mark a finished generation's checkpoint as done."""
+        try:
+            if self.credits is not None:
+                self.credits.flush()
+            if self.checkpoints is not None and reason in FINISHED:
+                self.checkpoints.finish(self.session_id, reason)
+        except Exception:
+            log.exception("could not record the end of generation %s in the store", self.session_id)
 
     async def _draft(self, state: _State) -> Draft:
         """The drafted continuation for this round (empty when not drafting or nothing to gain)."""
@@ -403,6 +467,8 @@ class Generation:
                 tracker.record(r.expert_id, base,
                                [r.at(j).logprob_of(t, self.vocab_size) for j, t in enumerate(emitted)])
         used_ids = {r.expert_id for r in used}
+        if self.credits is not None:
+            self.credits.earn(used_ids, len(events))
         for r in results:
             if r.ok:
                 state.held[r.expert_id] = base + accepted  # rejected draft positions are rolled back next round

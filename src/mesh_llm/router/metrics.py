@@ -58,6 +58,7 @@ class RouterMetrics:
         self.http_requests = Counter("mesh_api_requests", "HTTP API requests, by route and status",
                                      ["route", "status"], registry=r)
         self._state: Collector | None = None
+        self._credits: Collector | None = None
 
     def watch_mesh(self, experts: Callable[[], list], halted: Callable[[], bool]) -> None:
         """Report experts (by state, RTT, tokens served) and the halt flag at every scrape."""
@@ -65,6 +66,13 @@ class RouterMetrics:
             self.registry.unregister(self._state)
         self._state = _MeshState(experts, halted)
         self.registry.register(self._state)
+
+    def watch_credits(self, rows: Callable[[], list]) -> None:
+        """Report the credit ledger (donor, expert, tokens rows) at every scrape."""
+        if self._credits is not None:
+            self.registry.unregister(self._credits)
+        self._credits = _Credits(rows)
+        self.registry.register(self._credits)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
@@ -99,6 +107,19 @@ class _MeshState(Collector):
         yield served
         yield GaugeMetricFamily("mesh_router_halted", "1 while the governance kill switch holds the mesh halted",
                                 value=1.0 if self.halted() else 0.0)
+
+
+class _Credits(Collector):
+    def __init__(self, rows: Callable[[], list]) -> None:
+        self.rows = rows
+
+    def collect(self) -> Iterator:
+        credits = CounterMetricFamily("mesh_router_credits", "Credits in the ledger: tokens each expert contributed "
+                                      "to mixtures, by donor (none: registered without a key)",
+                                      labels=["donor", "expert_id"])
+        for r in self.rows():
+            credits.add_metric([r.donor[:16] or "none", r.expert_id], r.tokens)
+        yield credits
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

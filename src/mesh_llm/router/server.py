@@ -20,6 +20,8 @@ from mesh_llm.invite import Invite, encode_invite, new_secret
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.actions import router_action_registry
+from mesh_llm.router.checkpoints import DEFAULT_EVERY, CheckpointStore
+from mesh_llm.router.credits import CreditLedger, CreditPolicy
 from mesh_llm.router.registry import Registry, RegistryConfig
 from mesh_llm.router.service import RouterService
 from mesh_llm.router.settings import MeshSettings
@@ -42,6 +44,8 @@ class RouterConfig:
     governance_dir: Path | None = None  # trust root; None = $MESH_GOVERNANCE_DIR, else MESH_HOME/governance
     governance_poll_s: float = 0.2  # how often halts, resumes and due actions from other processes are picked up
     halt_grace_s: float = 0.5  # Generate calls still running this long after a halt are cancelled
+    credits: CreditPolicy = field(default_factory=CreditPolicy)  # who goes first when the mesh is busy
+    checkpoint_every: int = DEFAULT_EVERY  # completion tokens between generation checkpoints (0 = off)
 
 
 @dataclass(kw_only=True)
@@ -102,7 +106,8 @@ async def start_router(config: RouterConfig) -> RunningRouter:
     governance = open_governance(engine, config, settings, registry)  # a stored halt comes back here
     secret = config.secret or saved_secret()
     service = RouterService(registry=registry, settings=settings, secret=secret, governance=governance,
-                            halt_grace_s=config.halt_grace_s)
+                            halt_grace_s=config.halt_grace_s, credits=CreditLedger(engine),
+                            checkpoints=CheckpointStore(engine, config.checkpoint_every), credit_policy=config.credits)
     server = new_server()
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     governance_service.add_to_server(server, governance)
