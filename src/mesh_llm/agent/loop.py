@@ -10,13 +10,15 @@ the agent only measures afterwards and reports regressions (the tier's rollback 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mesh_llm.agent import observe, schema as schema_mod
+from mesh_llm.agent import observe, schema as schema_mod, usefulness
 from mesh_llm.agent.family import Families, Family
 from mesh_llm.agent.measure import Tolerances, measure, metric_for, regression
+from mesh_llm.agent.progress import Progress
 from mesh_llm.agent.prompt import build_prompt
 from mesh_llm.agent.sandbox import PROBE_TEXT, Sandbox
 from mesh_llm.agent.subsets import SubsetView
@@ -53,24 +55,27 @@ class AgentConfig:
     probe_tokens: int = 16  # tokens of the throughput probe generation
     sandbox_tolerance: float = 0.01  # nats/token a proposal may cost in the sandbox and still pass
     tolerances: Tolerances = field(default_factory=Tolerances)  # what counts as a regression after applying
-    generation_timeout_s: float = 900.0  # longest a task's generation may take
+    deadline_s: float = 900.0  # longest one task may run, generation included (`mesh agent run --deadline`)
+    reject_noop: bool = True  # refuse proposals that change nothing or cite no observed metric (usefulness.py)
 
 
 class _Stop(Exception):
     """Ends a task early in a given state with a reason (internal)."""
 
-    def __init__(self, state: str, reason: str, event: str):
+    def __init__(self, state: str, reason: str, event: str, **fields):
         super().__init__(reason)
-        self.state, self.reason, self.event = state, reason, event
+        self.state, self.reason, self.event, self.fields = state, reason, event, fields
 
 
 class Agent:
     """Runs and follows up agent tasks against one router and one governance store."""
 
     def __init__(self, *, config: AgentConfig, gov: Governance, store: TaskStore,
-                 families: Families | None = None, sandbox: Sandbox | None = None) -> None:
-        """Generate through config.router; submit to gov; keep tasks in store."""
+                 families: Families | None = None, sandbox: Sandbox | None = None,
+                 progress: Progress | None = None) -> None:
+        """Generate through config.router; submit to gov; keep tasks in store; report stages to progress."""
         self.config = config
+        self.progress = progress or Progress()
         self.gov = gov
         self.store = store
         self.families = families or Families()
@@ -88,12 +93,16 @@ class Agent:
         a recorded output, or testing the gates); it is validated exactly like generated text.
         """
         try:
-            return await self._run(task, subset, output)
+            async with asyncio.timeout(self.config.deadline_s):
+                return await self._run(task, subset, output)
+        except TimeoutError:
+            return self._finish(task.id, FAILED, "agent_task_failed",
+                                f"the task passed its deadline of {self.config.deadline_s:g} s (--deadline)")
         except asyncio.CancelledError:
             self.interrupt(task.id, "cancelled while running: the mesh was halted or the agent stopped")
             raise
         except _Stop as stop:
-            return self._finish(task.id, stop.state, stop.event, stop.reason)
+            return self._finish(task.id, stop.state, stop.event, stop.reason, **stop.fields)
         except Exception as exc:
             log.exception("agent task %d failed", task.id)
             return self._finish(task.id, FAILED, "agent_task_failed", f"{type(exc).__name__}: {exc}")
@@ -106,8 +115,9 @@ class Agent:
         return self.store.update(task_id, event="agent_task_interrupted", from_states={RUNNING}, state=INTERRUPTED,
                                  error=reason, **fields)
 
-    def _finish(self, task_id: int, state: str, event: str, reason: str) -> TaskRecord:
-        task = self.store.update(task_id, event=event, from_states={RUNNING}, state=state, error=reason[:4000])
+    def _finish(self, task_id: int, state: str, event: str, reason: str, **fields) -> TaskRecord:
+        task = self.store.update(task_id, event=event, from_states={RUNNING}, state=state, error=reason[:4000],
+                                 **fields)
         return task or self.store.get(task_id)
 
     def _check_halt(self) -> None:
@@ -121,6 +131,8 @@ class Agent:
         snap = await observe.take(self.config.router, self.gov, self.store,
                                   subset=subset.online if subset is not None else None)
         self.store.step(task.id, "agent_observed", snap.summary())
+        self.progress.stage(task.id, "observe", f"{len(snap.online())} of {len(snap.experts)} experts online, phase "
+                            f"{snap.phase}, {snap.recent_tokens_per_second:.2f} tokens/s over the last minute")
         status = await router_status(self.config.router)
         scope = self._scope(status, subset)
         proposal_schema = self.schema_for(task, [e.expert_id for e in scope])
@@ -135,17 +147,22 @@ class Agent:
         else:
             raw = output
             self.store.update(task.id, event="agent_generated", raw_output=raw, detail={"source": "given"})
-        return await self._after_generation(task, proposal_schema, raw, status, scope)
+        return await self._after_generation(task, proposal_schema, raw, status, scope, snap)
 
-    async def _after_generation(self, task: TaskRecord, proposal_schema, raw: str, status, scope: list) -> TaskRecord:
+    async def _after_generation(self, task: TaskRecord, proposal_schema, raw: str, status, scope: list,
+                                snap: observe.Snapshot) -> TaskRecord:
         self._check_halt()
         proposal = self._validate(proposal_schema, raw, await router_status(self.config.router))
+        self.progress.stage(task.id, "gate", f"proposal {proposal['kind']} {proposal['target']} "
+                            f"{json.dumps(proposal['params'])}: {proposal['rationale']}")
+        self._check_useful(proposal, proposal_schema, task.prompt, snap)
         metric = metric_for(proposal["kind"])
         baseline = {}
         if metric:
             baseline = await measure(metric, router=self.config.router, sandbox=self.sandbox,
                                      expert_ids=[e.expert_id for e in scope], probe_tokens=self.config.probe_tokens)
             self.store.step(task.id, "agent_baseline", baseline)
+            self.progress.stage(task.id, "measure", f"baseline {metric} {baseline.get('value', 0):.4g}")
         self._check_halt()
         try:  # signed with the agent's key and sent through the router: the author is that key's name
             view = await submit_proposal(self.config.router, proposal_message(self.config.key, proposal))
@@ -159,7 +176,21 @@ class Agent:
             raise _Stop(REFUSED, f"governance refused the proposal: {exc}", "agent_refused") from None
         task = self.store.update(task.id, event="agent_proposal_submitted", proposal=proposal, tier=view.tier,
                                  proposal_id=view.id, baseline=baseline, detail={"status": view.status})
-        return await self._gate(task, view, status, scope)
+        self.progress.stage(task.id, "gate", f"governance proposal #{view.id}: tier {view.tier}, {view.status}")
+        task = await self._gate(task, view, status, scope)
+        self.progress.stage(task.id, "gate", f"{task.state}: {task.outcome}")
+        return task
+
+    def _check_useful(self, proposal: dict, proposal_schema, prompt: str, snap: observe.Snapshot) -> None:
+        """Refuse (as _Stop) a schema-valid proposal that is a no-op, before governance sees it."""
+        if not self.config.reject_noop:
+            return
+        found = usefulness.problems(proposal, prompt=prompt, snap=snap,
+                                    free_text=usefulness.free_text_params(proposal_schema, proposal["kind"]))
+        if found:
+            tier, _ = self.gov.registry.classify(ProposalIn.model_validate(proposal))
+            raise _Stop(REFUSED, f"no-op proposal refused before governance: {'; '.join(found)}", "agent_refused",
+                        proposal=proposal, tier=tier.value)
 
     def _scope(self, status: router_pb2.RouterStatus, subset: SubsetView | None) -> list:
         allowed = set(subset.online) if subset is not None else None
@@ -215,10 +246,15 @@ class Agent:
             model_family=scope[0].tokenizer_fingerprint)
         self._partial[task.id] = ""
         done = None
+        count = 0
+        self.progress.stage(task.id, "generate", f"asking {request.k} of {len(scope)} experts for up to "
+                            f"{max_tokens} tokens")
         try:
-            async for event in stream_generate(self.config.router, request, timeout=self.config.generation_timeout_s):
+            async for event in stream_generate(self.config.router, request, timeout=self.config.deadline_s):
                 if event.HasField("token"):
                     self._partial[task.id] += event.token.text
+                    count += 1
+                    self.progress.tokens(task.id, count)
                 else:
                     done = event.done
         except RouterUnavailable as exc:
@@ -231,6 +267,8 @@ class Agent:
         self.store.update(task.id, event="agent_generated", raw_output=raw,
                           detail={"finish_reason": done.finish_reason, "tokens": done.completion_tokens,
                                   "tokens_per_second": round(done.tokens_per_second, 2), "notes": list(done.notes)})
+        self.progress.stage(task.id, "generate", f"{done.completion_tokens} tokens, {done.tokens_per_second:.2f} "
+                            f"tokens/s, finish {done.finish_reason}")
         if done.finish_reason == "halted":
             raise _Stop(INTERRUPTED, "the mesh was halted during generation", "agent_task_interrupted")
         if done.finish_reason == "error":
@@ -319,7 +357,11 @@ class Agent:
                                      error=f"applying proposal {view.id} failed (see the audit log)") or task
         if view.status != "applied":
             return task  # open, approved (timelock) or applying
-        return await self._measure_applied(task, view)
+        self.progress.stage(task.id, "apply", f"the router applied proposal #{view.id}")
+        measured = await self._measure_applied(task, view)
+        if measured.outcome != task.outcome:
+            self.progress.stage(task.id, "measure", measured.outcome)
+        return measured
 
     async def _measure_applied(self, task: TaskRecord, view) -> TaskRecord:
         if "regression" in task.baseline:

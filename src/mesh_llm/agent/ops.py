@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from mesh_llm.agent.progress import Progress
 from mesh_llm.agent.runner import RunnerConfig, RunReport, Runner
 from mesh_llm.agent.tasks import MAX_CONTEXT_BYTES, TaskRecord, TaskStore
 from mesh_llm.errors import MeshError
@@ -110,11 +111,12 @@ def task_audit(task_id: int, *, db: str | None = None) -> list:
         return found
 
 
-async def run_agent(config: RunnerConfig, *, db: str | None = None, gov_dir: Path | None = None) -> RunReport:
+async def run_agent(config: RunnerConfig, *, db: str | None = None, gov_dir: Path | None = None,
+                    progress: Progress | None = None) -> RunReport:
     """Run the agent loop against config.agent.router on the store at db until stopped or halted."""
     from mesh_llm.governance.core import Governance
 
     gov = Governance.open(db, gov_dir=gov_dir)
-    runner = Runner(config, gov=gov, store=TaskStore(gov.engine))
+    runner = Runner(config, gov=gov, store=TaskStore(gov.engine), progress=progress)
     return await runner.run()
 

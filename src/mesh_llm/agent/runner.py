@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from mesh_llm.agent.loop import Agent, AgentConfig
+from mesh_llm.agent.progress import Progress
 from mesh_llm.agent.subsets import Subsets, SubsetView
 from mesh_llm.agent.tasks import QUEUED, ROTATION, TASK_TYPES, WAITING, TaskRecord, TaskStore
 from mesh_llm.errors import MeshError
@@ -43,12 +44,13 @@ class RunReport:
 class Runner:
     """Runs agent tasks concurrently, one per subset, until stopped, halted, or (once) done."""
 
-    def __init__(self, config: RunnerConfig, *, gov: Governance, store: TaskStore, agent: Agent | None = None) -> None:
-        """Run with this governance store and task store (the router's database)."""
+    def __init__(self, config: RunnerConfig, *, gov: Governance, store: TaskStore, agent: Agent | None = None,
+                 progress: Progress | None = None) -> None:
+        """Run with this governance store and task store (the router's database); tasks report to progress."""
         self.config = config
         self.gov = gov
         self.store = store
-        self.agent = agent or Agent(config=config.agent, gov=gov, store=store)
+        self.agent = agent or Agent(config=config.agent, gov=gov, store=store, progress=progress)
         self.subsets = Subsets(config.subsets, k=config.agent.k)
         self.in_flight: dict[int, asyncio.Task] = {}  # subset index -> running task coroutine
         self.report = RunReport()

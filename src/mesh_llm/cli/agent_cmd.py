@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import typer
@@ -23,14 +24,14 @@ STORE_ROUTER = typer.Option(None, "--router", help="HOST:PORT of a router servin
                             "(and without $MESH_ROUTER), act on the local store.")
 
 
-def parse_interval(text: str) -> float:
-    """Seconds in '90', '30s', '10m' or '2h'; ValueError otherwise."""
+def parse_interval(text: str, option: str = "--interval") -> float:
+    """Seconds in '90', '30s', '10m' or '2h'; ValueError naming option otherwise."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
     if not match:
-        raise ValueError(f"--interval {text!r}: use seconds or a number with s, m or h, e.g. 10m")
+        raise ValueError(f"{option} {text!r}: use seconds or a number with s, m or h, e.g. 10m")
     value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
     if value <= 0:
-        raise ValueError("--interval must be > 0")
+        raise ValueError(f"{option} must be > 0")
     return value
 
 
@@ -73,6 +74,8 @@ def run(interval: str = typer.Option("10m", "--interval", help="Each subset star
         once: bool = typer.Option(False, "--once", help="Run one task per subset and one follow-up pass, then exit."),
         k: int = typer.Option(2, "--k", help="Experts mixed per token in a task's generation."),
         temperature: float = typer.Option(0.3, "--temperature", help="Sampling temperature (seeded per task)."),
+        deadline: str = typer.Option("15m", "--deadline", help="Longest one task may run, its generation included "
+                                     "('90s', '15m'); a task past it fails."),
         router: str = typer.Option(None, "--router", help="Router HOST:PORT (default: $MESH_ROUTER or "
                                    "127.0.0.1:50050)."),
         db: str = DB,
@@ -81,32 +84,62 @@ def run(interval: str = typer.Option("10m", "--interval", help="Each subset star
         governance_dir: Path = typer.Option(None, "--governance", "--governance-dir", help="Folder with policy.toml "
                                             "and members.toml, the trust root (default: $MESH_GOVERNANCE_DIR, else "
                                             "MESH_HOME/governance, as `mesh router serve` uses).")) -> None:
-    """Run the agent loop: observe, ask the mesh, propose, gate; stops at once when the mesh is halted."""
+    """Run the agent loop: observe, ask the mesh, propose, gate; stops at once when the mesh is halted.
+
+    Each task's stages (observe, generate, gate, apply, measure) are shown on stderr; at the end each task's
+    proposal, tier and state. Exit 1 when a task failed or its proposal was refused, 3 when the mesh is halted.
+    """
+    from mesh_llm.agent import ops
     from mesh_llm.agent.loop import AgentConfig
-    from mesh_llm.agent.ops import run_agent
+    from mesh_llm.agent.progress import TextProgress
     from mesh_llm.agent.runner import RunnerConfig
+    from mesh_llm.agent.tasks import FAILED, REFUSED
+    from mesh_llm.cli import logs
     from mesh_llm.governance.policy import trust_root
     from mesh_llm.router.client import DEFAULT_ROUTER
 
+    logs.show_warnings()
     with friendly_errors():
         try:
-            seconds = parse_interval(interval)
+            seconds = parse_interval(interval, "--interval")
+            deadline_s = parse_interval(deadline, "--deadline")
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         typer.echo(trust_root(governance_dir).describe(), err=True)
         address = router or os.environ.get("MESH_ROUTER") or DEFAULT_ROUTER
-        config = RunnerConfig(agent=AgentConfig(router=address, k=k, temperature=temperature, key=key),
+        config = RunnerConfig(agent=AgentConfig(router=address, k=k, temperature=temperature, key=key,
+                                                deadline_s=deadline_s),
                               interval_s=seconds, subsets=subsets, once=once)
+        progress = TextProgress(sys.stderr)
         try:
-            report = asyncio.run(run_agent(config, db=db, gov_dir=governance_dir))
+            report = asyncio.run(ops.run_agent(config, db=db, gov_dir=governance_dir, progress=progress))
         except KeyboardInterrupt:
             typer.echo("stopped; running tasks are marked interrupted and requeued at the next start")
             raise typer.Exit(130) from None
         typer.echo(f"ran tasks {report.started or '-'}; followed up {report.followed or '-'}"
                    + (f"; requeued {report.requeued}" if report.requeued else ""))
+        finished = [ops.show_task(task_id, db=db) for task_id in report.started]
+        for task in finished:
+            _summary(task)
         if report.halted:
             typer.secho(f"stopped: the mesh is halted ({report.halt_reason})", fg=typer.colors.RED, err=True)
             raise typer.Exit(3)
+        failed = [t.id for t in finished if t.state in (FAILED, REFUSED)]
+        if failed:
+            typer.secho(f"task(s) {failed} failed or were refused (see `mesh agent show ID`)", fg=typer.colors.RED,
+                        err=True)
+            raise typer.Exit(1)
+
+
+def _summary(task) -> None:
+    """A finished run's task: its proposal and tier, and how it ended."""
+    typer.echo(_line(task))
+    if task.proposal:
+        typer.echo(f"  rationale: {task.proposal['rationale']}")
+    if task.outcome:
+        typer.echo(f"  outcome: {task.outcome}")
+    if task.error:
+        typer.echo(f"  error: {task.error}")
 
 
 @agent_app.command("tasks")

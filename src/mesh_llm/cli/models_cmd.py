@@ -42,13 +42,23 @@ def pull_model(
     convert: bool = typer.Option(True, help="Convert a GGUF file to the fast-loading safetensors cache now."),
 ) -> None:
     """Fetch a model with a progress bar, verify its digest, and convert it once."""
-    from mesh_llm.models.catalog import resolve
-    from mesh_llm.models.fetch import pull
+    from mesh_llm.errors import MeshError
+    from mesh_llm.models.catalog import LocalSource, resolve
+    from mesh_llm.models.checks import ModelFileError
+    from mesh_llm.models.fetch import pull, pull_hint
     from mesh_llm.models.loading import checkpoint_for
 
     with friendly_errors():
         entry = resolve(name)
-        path = pull(entry, force=force)
+        try:
+            path = pull(entry, force=force)
+        except ModelFileError as exc:  # its fix says to run this very command
+            if isinstance(entry.source, LocalSource):
+                raise
+            raise MeshError(str(exc).replace(
+                pull_hint(entry), "the files just downloaded fail the catalog's check, so downloading again will "
+                "not help: the source changed or the catalog entry's size or sha256 is wrong (see "
+                "MESH_HOME/catalog.toml)")) from None
         console.print(f"[green]ok[/green] {entry.name}: {path}")
         if convert:
             console.print(f"checkpoint: {checkpoint_for(entry)}")
