@@ -1,4 +1,4 @@
-"""Invite tokens: the router's address and the mesh secret in one pasteable string."""
+"""Invite tokens: the router's address, the mesh secret and its TLS fingerprint in one pasteable string."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class BadInvite(MeshError):
 @dataclass(frozen=True, kw_only=True)
 class Invite:
     router: str  # host:port of the router's gRPC service
-    secret: str  # mesh secret that authenticates RegisterExpert and Heartbeat
+    secret: str  # mesh secret that authenticates RegisterExpert
+    fingerprint: str = ""  # sha256 (hex) of the router's TLS certificate, pinned by joiners; "" = no TLS
 
 
 def new_secret() -> str:
@@ -29,7 +30,8 @@ def new_secret() -> str:
 
 def encode_invite(invite: Invite) -> str:
     """The token string a router prints and donors paste into --join."""
-    raw = json.dumps({"r": invite.router, "s": invite.secret}, separators=(",", ":")).encode()
+    fields = {"r": invite.router, "s": invite.secret, **({"f": invite.fingerprint} if invite.fingerprint else {})}
+    raw = json.dumps(fields, separators=(",", ":")).encode()
     return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -41,6 +43,6 @@ def decode_invite(token: str) -> Invite:
     body = token[len(PREFIX):]
     try:
         data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        return Invite(router=str(data["r"]), secret=str(data["s"]))
+        return Invite(router=str(data["r"]), secret=str(data["s"]), fingerprint=str(data.get("f", "")))
     except (ValueError, KeyError, TypeError):
         raise BadInvite("invite token is damaged; copy the whole token the router printed") from None

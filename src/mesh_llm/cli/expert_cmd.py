@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import typer
 
@@ -55,13 +56,15 @@ def serve(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Catalog name, .gguf file or checkpoint folder."),
     port: int = typer.Option(None, help="Port to listen on (default: a free one when joining a router, which is "
                              "told the address; 50051 otherwise; 0 always picks a free one)."),
-    host: str = typer.Option("0.0.0.0", help="Interface to listen on; 127.0.0.1 keeps it local."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback by default); for a remote router "
+                             "pass 0.0.0.0 or this machine's address, with --advertise."),
     quant: str = typer.Option("none", help="none, or nf4 (4-bit through bitsandbytes)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     router: str = typer.Option(None, help="HOST:PORT of a router to register with."),
     join: str = typer.Option(None, help="Invite token printed by `mesh router serve` (address and secret)."),
-    advertise: str = typer.Option(None, help="HOST:PORT the router should dial (default: this host's address)."),
+    advertise: str = typer.Option(None, help="HOST:PORT the router dials (default: 127.0.0.1:PORT on loopback, else "
+                                  "this machine's address toward the router); set it behind NAT or port forwarding."),
     name: str = typer.Option("", help="A label for this expert in `mesh status`."),
     max_sessions: int = typer.Option(64, help="Generation sessions held at once."),
     max_cache_mb: int = typer.Option(2048, help="KV-cache memory over all sessions, in MiB."),
@@ -74,9 +77,13 @@ def serve(
     pull: bool = typer.Option(True, help="Fetch a catalog model missing from MESH_HOME first (--no-pull: fail "
                               "and name the `mesh models pull` command instead)."),
     grace_s: float = typer.Option(5.0, help="On SIGTERM or Ctrl-C, Step calls already running get this long."),
+    tls_cert: Path = typer.Option(None, help="PEM certificate: serve over TLS (the router pins its sha256). "
+                                  "Needs --tls-key."),
+    tls_key: Path = typer.Option(None, help="PEM private key of --tls-cert."),
 ) -> None:
     """Load a model and serve Step/Info over gRPC; with --join, register with a router and heartbeat."""
-    from mesh_llm.expert.server import DEFAULT_PORT, ExpertConfig, resolve_join, serve_forever
+    from mesh_llm.cli.router_cmd import tls_files
+    from mesh_llm.expert.server import DEFAULT_PORT, ExpertConfig, resolve_invite, serve_forever
     from mesh_llm.expert.sessions import SessionLimits
     from mesh_llm.models.loading import LoadOptions
 
@@ -85,13 +92,15 @@ def serve(
             import torch
 
             torch.set_num_threads(threads)
-        router_addr, secret = resolve_join(router, join)
+        invite = resolve_invite(router, join)
+        router_addr = invite.router or None
         config = ExpertConfig(
             load=LoadOptions(model=model, quant=quant, dtype=dtype, device=device), host=host,
             port=port if port is not None else 0 if router_addr else DEFAULT_PORT,
             limits=SessionLimits(max_sessions=max_sessions, max_bytes=max_cache_mb << 20, idle_s=idle_s,
                                  max_batch=max_batch),
-            router=router_addr, secret=secret, advertise=advertise, name=name, delay_ms=delay_ms,
+            router=router_addr, secret=invite.secret, router_pin=invite.fingerprint, tls=tls_files(tls_cert, tls_key),
+            advertise=advertise, name=name, delay_ms=delay_ms,
             metrics_port=metrics_port or None, pull=pull, grace_s=grace_s,
         )
 

@@ -22,6 +22,20 @@ DRAFT_HELP = ("Drafter for multi-token rounds: none (one token per round trip), 
               "every drafted token in one round trip and the output is unchanged.")
 
 
+def tls_files(cert: Path | None, key: Path | None):
+    """The TlsFiles of --tls-cert/--tls-key (None when neither is given); both or neither."""
+    from mesh_llm.grpc_util import TlsFiles
+
+    if (cert is None) != (key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together: pass both, or neither for plain TCP")
+    if cert is None:
+        return None
+    for path in (cert, key):
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} is not a file; pass the PEM certificate and its private key")
+    return TlsFiles(cert=cert, key=key)
+
+
 def _router(address: str | None) -> str:
     from mesh_llm.router.client import DEFAULT_ROUTER
 
@@ -59,6 +73,9 @@ def serve(
     new_api_key: bool = typer.Option(False, help="Make a random API key, add it to MESH_HOME/api_keys and use it."),
     console_page: bool = typer.Option(False, "--console", help="Serve the web console at /console on the API port."),
     grace_s: float = typer.Option(5.0, help="On SIGTERM or Ctrl-C, running generations get this long to finish."),
+    tls_cert: Path = typer.Option(None, help="PEM certificate: serve gRPC over TLS (its sha256 goes into the invite "
+                                  "token, and joining experts pin it). Needs --tls-key."),
+    tls_key: Path = typer.Option(None, help="PEM private key of --tls-cert."),
     checkpoint_every: int = typer.Option(16, help="Save each generation's state in the store every N tokens, so "
                                          "`mesh generate --resume ID` continues it after a restart (0 = off)."),
     max_active: int = typer.Option(0, help="Generations run at once; more wait for a slot (the mesh is busy) "
@@ -88,25 +105,27 @@ def serve(
         from mesh_llm.api.keys import new_key
         from mesh_llm.api.server import DEFAULT_API_PORT
 
+        keys = (new_key(), *api_key) if new_api_key else tuple(api_key)
         running = await start_router(RouterConfig(host=host, port=port, db_url=db, advertise=advertise,
-                                                  settings=settings, governance_dir=governance,
+                                                  settings=settings, governance_dir=governance, api_keys=keys,
+                                                  tls=tls_files(tls_cert, tls_key),
                                                   checkpoint_every=checkpoint_every,
                                                   credits=CreditPolicy(max_active=max_active,
                                                                        by_credits=credit_priority)))
         api = None
         try:
             stop = stop_on_signals()
+            wants_api = api_port is not None or console_page or api_key or new_api_key
+            if wants_api:  # both ports are bound before the invite token is printed
+                api = await start_api(running, ApiConfig(
+                    host=api_host, port=DEFAULT_API_PORT if api_port is None else api_port, keys=keys,
+                    console=console_page))
             console.print(f"[bold green]router serving[/bold green] on {host}:{running.port}")
             # plain prints: a token wrapped at the terminal's width breaks when copied
             print(f"invite token: {running.invite}", flush=True)
             print(f"donors run:   mesh-expert serve --model smollm2-135m --join {running.invite}", flush=True)
             console.print(f"clients run:  mesh generate \"Hello\" --router {running.address}", soft_wrap=True)
-            wants_api = api_port is not None or console_page or api_key or new_api_key
-            if wants_api:
-                keys = (new_key(), *api_key) if new_api_key else tuple(api_key)
-                api = await start_api(running, ApiConfig(
-                    host=api_host, port=DEFAULT_API_PORT if api_port is None else api_port, keys=keys,
-                    console=console_page))
+            if api is not None:
                 console.print(f"[bold green]OpenAI-compatible API[/bold green] on {api.base_url}"
                               + ("" if api.context.keys else " (no API key needed)"))
                 for line in client_settings(api):
@@ -124,13 +143,15 @@ def serve(
             raise typer.Exit(130) from None
 
 
-def status(router: str = typer.Option(None, help=ROUTER_HELP)) -> None:
+def status(router: str = typer.Option(None, help=ROUTER_HELP),
+           show_all: bool = typer.Option(False, "--all", help="Also list experts gone longer than the router's "
+                                         "retention period.")) -> None:
     """Experts with health and RTT, the defaults (K, policy, mix), phase, halt state and tokens/s."""
     from mesh_llm.router.client import router_status
     from mesh_llm.router.display import status_table
 
     with friendly_errors():
-        st = asyncio.run(router_status(_router(router)))
+        st = asyncio.run(router_status(_router(router), include_gone=show_all))
     halted = f"[red]HALTED[/red] ({st.halt_reason})" if st.halted else "[green]running[/green]"
     console.print(f"mesh {halted} · phase {st.phase} · k={st.default_k} · policy {st.default_policy} · "
                   f"mix {st.default_mix} · {st.recent_tokens_per_second:.2f} tokens/s (last minute) · "

@@ -18,6 +18,7 @@ from mesh_llm.governance.phases import PHASE_CHANGE_KIND
 from mesh_llm.governance.policy import Member, PhaseRule, add_member, governance_dir, load_members
 from mesh_llm.governance.proposals import ProposalView
 from mesh_llm.governance.signing import SignedMessage, sign
+from mesh_llm.grpc_util import blocking_channel
 from mesh_llm.grpc_util import channel as aio_channel
 from mesh_llm.pb import governance_pb2 as pb
 from mesh_llm.pb import governance_pb2_grpc as pb_grpc
@@ -41,7 +42,7 @@ def error_from_rpc(exc: grpc.RpcError, router: str) -> GovernanceError:
 
 @contextlib.contextmanager
 def _remote(router: str) -> Iterator[pb_grpc.GovernanceStub]:
-    with grpc.insecure_channel(router) as channel:
+    with blocking_channel(router) as channel:
         try:
             yield pb_grpc.GovernanceStub(channel)
         except grpc.RpcError as exc:

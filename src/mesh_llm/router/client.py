@@ -24,12 +24,12 @@ def _explain(exc: grpc.aio.AioRpcError, address: str) -> RouterUnavailable:
     return RouterUnavailable(f"router refused: {exc.details()} ({exc.code().name})")
 
 
-async def router_status(address: str, timeout: float = 5.0) -> router_pb2.RouterStatus:
-    """GetRouterStatus of the router at address."""
+async def router_status(address: str, timeout: float = 5.0, include_gone: bool = False) -> router_pb2.RouterStatus:
+    """GetRouterStatus of the router at address (include_gone: with experts gone past the retention period)."""
     async with channel(address) as ch:
         try:
-            return await router_pb2_grpc.RouterStub(ch).GetRouterStatus(router_pb2.RouterStatusRequest(),
-                                                                         timeout=timeout)
+            return await router_pb2_grpc.RouterStub(ch).GetRouterStatus(
+                router_pb2.RouterStatusRequest(all=include_gone), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _explain(exc, address) from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from mesh_llm.auth import Credentials
 from mesh_llm.grpc_util import channel
 from mesh_llm.pb import expert_pb2_grpc
 
@@ -14,12 +15,17 @@ class ExpertPool:
     def __init__(self) -> None:
         self._channels: dict[str, object] = {}
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
+        self._credentials: dict[str, Credentials] = {}  # what each expert asked to be called with
+
+    def remember(self, address: str, credentials: Credentials) -> None:
+        """Call the expert at address with these credentials (its key, its certificate's fingerprint)."""
+        self._credentials[address] = credentials
 
     def stub(self, address: str) -> expert_pb2_grpc.ExpertStub:
         """The stub for an expert's address, opening its channel on first use."""
         stub = self._stubs.get(address)
         if stub is None:
-            ch = channel(address)
+            ch = channel(address, credentials=self._credentials.get(address))
             self._channels[address] = ch
             stub = self._stubs[address] = expert_pb2_grpc.ExpertStub(ch)
         return stub

@@ -8,14 +8,16 @@ owner calls sweep() every `sweep_interval_s` (a background task of the router se
 States: online (selectable), suspect (missed heartbeats for more than `suspect_after_missed`
 intervals, or `max_failures` consecutive failures; not selected), quarantined (set by an
 operator; never selected, kept across re-registration), gone (silent for `gone_after_s`; must
-register again). A failure-suspect expert that still heartbeats gets one more chance after
+register again; hidden from listings once gone for `gone_retention_s`). A failure-suspect expert that still heartbeats gets one more chance after
 `failure_cooldown_s` (a half-open circuit breaker).
 
 Trust: `register` is called only after the router checked the expert (its Info answered from the
 address, its tokenizer files hashed to its fingerprint); records loaded from the database are not
 checked in this process, are never selected, and are told to register again on their next heartbeat.
 An address is bound to the identity (derived from the expert's key) of its first registrant until its
-record is gone: another identity can neither re-register it nor heartbeat or deregister it. Which
+record is gone: another identity can neither re-register it nor heartbeat or deregister it. A donor
+identity (key) and name has one row: a restarted expert registering them again takes over its old row (and
+its id), whatever address it now serves on. Which
 experts have answered a Step since they registered is kept too, so generation limits can be taken
 from experts that proved they serve.
 """
@@ -30,7 +32,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from mesh_llm.errors import MeshError
 from mesh_llm.pb import expert_pb2, router_pb2
@@ -59,6 +61,7 @@ class RegistryConfig:
     failure_cooldown_s: float = 10.0  # a failure-suspect expert that heartbeats is retried after this
     rtt_alpha: float = 0.2  # weight of a new sample in the RTT moving average
     sweep_interval_s: float = 0.5  # how often the owner should call sweep()
+    gone_retention_s: float = 3600.0  # gone experts silent longer than this are left out of listings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +100,7 @@ class ExpertRecord(ExpertSpec):
     state: str  # online, suspect, quarantined, gone
     registered_at: float  # unix seconds of first registration
     last_seen: float  # unix seconds of the last heartbeat or successful Step
+    identity: str = ""  # registrant identity (derived from its key); "" for rows from before it was kept
     # tokens_per_second (from ExpertSpec) is the latest reported capacity.
 
     def to_proto(self) -> router_pb2.ExpertStatus:
@@ -154,8 +158,14 @@ class Registry:
         """Add a checked expert, or refresh the one at address; its id, or AddressTaken for another identity."""
         now = self.clock()
         with self._lock:
-            expert_id = self._by_address.get(address)
-            self._check_owner(address, expert_id, identity)
+            at_address = self._by_address.get(address)
+            self._check_owner(address, at_address, identity)
+            expert_id = self._donor_row(identity, name) or at_address
+            if expert_id is not None and self._rows[expert_id].get("identity") not in ("", identity):
+                expert_id = None  # a gone row of another identity: this registrant gets a row of its own
+            replaced = [eid for eid in (at_address,) if eid is not None and eid != expert_id]
+            for eid in replaced:  # gone, or this identity's under another name: one row per address
+                self._drop(eid)
             fresh = expert_id is None
             if fresh:
                 expert_id = f"e-{uuid.uuid4().hex[:12]}"
@@ -164,8 +174,11 @@ class Registry:
                 self._since[expert_id] = now
             else:
                 row = self._rows[expert_id]
+                if self._by_address.get(row["address"]) == expert_id:
+                    del self._by_address[row["address"]]
+                row["address"] = address
             row.update({k: getattr(spec, k) for k in _SPEC_FIELDS})
-            row.update(rtt_ms=None, failures=0, last_failure="",
+            row.update(rtt_ms=None, failures=0, last_failure="", identity=identity,
                        active_sessions=0, last_seen=now, name=name or row.get("name", ""))
             if row["state"] != QUARANTINED:
                 self._set_state(row, ONLINE, now)
@@ -178,6 +191,8 @@ class Registry:
             self._dirty.discard(expert_id)
             snapshot = _to_db(row)
         with self.engine.begin() as conn:
+            if replaced:
+                conn.execute(delete(experts).where(experts.c.expert_id.in_(replaced)))
             if fresh:
                 conn.execute(insert(experts).values(**snapshot))
             else:
@@ -364,6 +379,12 @@ class Registry:
         with self._lock:
             return ExpertRecord(**self._row(expert_id))
 
+    def listed(self, include_gone: bool = False, now: float | None = None) -> list[ExpertRecord]:
+        """Experts to show: all of them with include_gone, else without those gone for the retention period."""
+        now = self.clock() if now is None else now
+        keep = self.config.gone_retention_s
+        return [r for r in self.experts() if include_gone or r.state != GONE or now - r.last_seen <= keep]
+
     def experts(self) -> list[ExpertRecord]:
         """Snapshots of every expert ever registered, by registration time."""
         with self._lock:
@@ -377,6 +398,26 @@ class Registry:
         if row is None:
             raise UnknownExpert(f"no expert {expert_id!r} in the registry")
         return row
+
+    def _donor_row(self, identity: str, name: str) -> str | None:
+        """The id of the row registered by this identity under this name, if any."""
+        if not identity:
+            return None
+        for eid, row in self._rows.items():
+            if row.get("identity") == identity and row["name"] == name:
+                return eid
+        return None
+
+    def _drop(self, expert_id: str) -> None:
+        """Forget a row in memory (the caller deletes it from the database)."""
+        row = self._rows.pop(expert_id)
+        if self._by_address.get(row["address"]) == expert_id:
+            del self._by_address[row["address"]]
+        for held in (self._checked, self._answered, self._dirty):
+            held.discard(expert_id)
+        self._unanswered.pop(expert_id, None)
+        self._since.pop(expert_id, None)
+        log.info("expert %s at %s replaced by a new registration", expert_id, row["address"])
 
     def _check_owner(self, address: str, expert_id: str | None, identity: str) -> None:
         owner = self._owners.get(address)

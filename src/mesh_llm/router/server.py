@@ -6,22 +6,23 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from mesh_llm.agent import service as agent_service
-from mesh_llm.errors import MeshError
+from mesh_llm.api.keys import check_keys, load_keys
+from mesh_llm.auth import OPERATOR_KEY_FILE, RouterAuth, private_key_file
 from mesh_llm.governance import service as governance_service
 from mesh_llm.governance.core import Governance
-from mesh_llm.governance.keys import require_private
-from mesh_llm.grpc_util import add_health_and_reflection, bind, new_server, set_serving
+from mesh_llm.grpc_util import TlsFiles, add_health_and_reflection, bind, new_server, set_serving
 from mesh_llm.invite import Invite, encode_invite, new_secret
-from mesh_llm.paths import mesh_home
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.actions import router_action_registry
 from mesh_llm.router.checkpoints import DEFAULT_EVERY, CheckpointStore
 from mesh_llm.router.credits import CreditLedger, CreditPolicy
+from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import Registry, RegistryConfig
 from mesh_llm.router.service import RouterService
 from mesh_llm.router.settings import MeshSettings
@@ -44,6 +45,8 @@ class RouterConfig:
     governance_dir: Path | None = None  # trust root; None = $MESH_GOVERNANCE_DIR, else MESH_HOME/governance
     governance_poll_s: float = 0.2  # how often halts, resumes and due actions from other processes are picked up
     halt_grace_s: float = 0.5  # Generate calls still running this long after a halt are cancelled
+    api_keys: tuple[str, ...] = ()  # client keys accepted besides MESH_HOME/api_keys and MESH_HOME/operator_key
+    tls: TlsFiles | None = None  # serve TLS with this certificate (its fingerprint goes into the invite token)
     credits: CreditPolicy = field(default_factory=CreditPolicy)  # who goes first when the mesh is busy
     checkpoint_every: int = DEFAULT_EVERY  # completion tokens between generation checkpoints (0 = off)
 
@@ -80,13 +83,16 @@ class RunningRouter:
 
 def saved_secret() -> str:
     """The mesh secret in MESH_HOME/mesh_secret, made (0600) on first use; refused when others can read it."""
-    path = mesh_home() / "mesh_secret"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(new_secret())
-    require_private(path, MeshError)
-    return path.read_text().strip()
+    return private_key_file("mesh_secret", new_secret)
+
+
+def router_auth(config: RouterConfig, secret: str, registry: Registry) -> RouterAuth:
+    """The check of every call: mesh secret, expert tokens, API keys and the operator key; refusals counted."""
+    refused = Counter("mesh_router_unauthenticated_calls", "gRPC calls refused for missing or wrong credentials, "
+                      "by method", ["method"], registry=router_metrics(registry).registry)
+    keys = (*check_keys(config.api_keys), *load_keys(), private_key_file(OPERATOR_KEY_FILE))
+    return RouterAuth(secret=secret, client_keys=keys,
+                      on_refused=lambda method: refused.labels(method.rsplit("/", 1)[-1]).inc())
 
 
 def open_governance(engine, config: RouterConfig, settings: MeshSettings, registry: Registry) -> Governance:
@@ -108,16 +114,17 @@ async def start_router(config: RouterConfig) -> RunningRouter:
     service = RouterService(registry=registry, settings=settings, secret=secret, governance=governance,
                             halt_grace_s=config.halt_grace_s, credits=CreditLedger(engine),
                             checkpoints=CheckpointStore(engine, config.checkpoint_every), credit_policy=config.credits)
-    server = new_server()
+    server = new_server(interceptors=[router_auth(config, secret, registry)])
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     governance_service.add_to_server(server, governance)
     agent_service.add_to_server(server, governance)
     health = add_health_and_reflection(server, SERVICES)
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, config.tls)
     await server.start()
     await set_serving(health, SERVICES, True)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    invite = encode_invite(Invite(router=config.advertise or f"{host}:{port}", secret=secret))
+    invite = encode_invite(Invite(router=config.advertise or f"{host}:{port}", secret=secret,
+                                  fingerprint=config.tls.fingerprint() if config.tls else ""))
     tasks = [asyncio.create_task(_sweep(registry, governance)),
              asyncio.create_task(governance.watch(config.governance_poll_s))]
     if governance.switch.is_halted:

@@ -1,4 +1,4 @@
-"""SQLAlchemy Core table of the router's expert registry (schema made by migration v001)."""
+"""SQLAlchemy Core table of the router's expert registry (schema made by migrations v001 and v004)."""
 
 from __future__ import annotations
 
@@ -34,4 +34,5 @@ experts = Table(
     Column("state", String(16), nullable=False),
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("identity", String(64), nullable=False, default="", index=True),  # registrant's key, as an HMAC
 )
