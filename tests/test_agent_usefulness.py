@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from mesh_llm.agent import usefulness
 from mesh_llm.agent.observe import from_status
-from mesh_llm.agent.progress import TextProgress
+from mesh_llm.agent.progress import Progress, TextProgress
+from mesh_llm.agent.testing import signed_vote
 from mesh_llm.cli import main
 from mesh_llm.pb import router_pb2
 from tests.test_agent_loop import _run, agent_mesh, long_tiny  # noqa: F401  (fixture)
@@ -33,9 +34,11 @@ def _note(text: str, rationale: str) -> dict:
 
 
 @pytest.mark.parametrize("proposal, problem", [
-    (_note("1", "e-bbb has rtt 380.7 ms"), "fewer than 3 words"),
+    (_note("1", "e-bbb has rtt 380.7 ms"), "fewer than 3 different words"),
+    (_note("nice_nice_nice_nice_nice", "e-bbb has rtt 380.7 ms"), "fewer than 3 different words"),
     (_note("look into the slow expert", "looks fine"), "cites no observed metric"),
     (_note("look into the slow expert", "an rtt of 12.5 ms is high"), "cites no observed metric"),  # never observed
+    (_note("look into the slow expert", "mode K/ 01 o= ex89i 1 ,ne"), "cites no observed metric"),  # random text
     (_note("look into the slow expert", PROMPT_LINE), "copied from the prompt"),
     (_note(PROMPT_LINE, "e-bbb rtt 380.7 ms"), "parameter text is copied from the prompt"),
     ({"kind": "set_default_k", "target": "router", "params": {"k": 2}, "rationale": "k 2 with rtt 41.2 ms"},
@@ -64,7 +67,7 @@ async def test_a_no_op_never_reaches_governance_and_a_useful_note_does(long_tiny
         empty = json.dumps(_note("1", "1"))
         refused = await _run(store, agent, "test_generation", ["note"], output=empty)
         assert refused.state == "refused" and refused.proposal_id is None and gov.proposals() == []
-        assert "no-op proposal refused before governance" in refused.error and "fewer than 3 words" in refused.error
+        assert "no-op proposal refused before governance" in refused.error and "3 different words" in refused.error
         assert refused.tier == "suggest" and refused.proposal["params"] == {"text": "1"}
         expert = mesh.experts[0].link.expert_id
         useful = json.dumps(_note("look at the expert with the most failures", f"{expert} is online, 0 failures"))
@@ -120,3 +123,29 @@ async def test_agent_run_once_shows_stages_prints_the_proposal_and_fails_with_it
         assert "error: the task passed its deadline" in late.stdout
         assert "--deadline 'soon'" in (await asyncio.to_thread(CliRunner().invoke, main.app,
                                                              [*common, "--deadline", "soon"])).output
+
+
+class _Stages(Progress):
+    def __init__(self):
+        self.seen: list[tuple[str, str]] = []
+
+    def stage(self, task_id: int, stage: str, text: str) -> None:
+        self.seen.append((stage, text))
+
+
+async def test_a_useful_change_goes_through_every_stage(long_tiny, tmp_path):  # noqa: F811
+    async with agent_mesh(long_tiny, tmp_path, reject_noop=True, rationale_max=160) as (mesh, gov, store, agent):
+        agent.progress = stages = _Stages()
+        expert = mesh.experts[0].link.expert_id
+        output = json.dumps({"kind": "set_default_k", "target": "router", "params": {"k": 1},
+                             "rationale": f"one expert is enough: {expert} is online with 0 failures"})
+        task = await _run(store, agent, "scheduler_optimization", ["set_default_k"], output=output)
+        assert task.state == "awaiting_votes", task.error
+        for member in ("alice", "bob"):
+            mesh.router.governance.vote(signed_vote(member, task.proposal_id))
+        assert (await agent.follow_up(store.get(task.id))).state == "applied"
+        names = [name for name, _ in stages.seen]
+        assert names == ["observe", "gate", "measure", "gate", "gate", "apply", "measure"], stages.seen
+        assert stages.seen[1][1].startswith("proposal set_default_k router")
+        assert "tier deploy_minor" in stages.seen[3][1] and stages.seen[4][1].startswith("awaiting_votes")
+        assert stages.seen[6][1].startswith(f"proposal {task.proposal_id} applied; probe_tokens_per_second")

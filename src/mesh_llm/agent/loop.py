@@ -92,12 +92,15 @@ class Agent:
         With `output`, that text is taken as the mesh's answer instead of generating one (replaying
         a recorded output, or testing the gates); it is validated exactly like generated text.
         """
+        deadline = asyncio.timeout(self.config.deadline_s)
         try:
-            async with asyncio.timeout(self.config.deadline_s):
+            async with deadline:
                 return await self._run(task, subset, output)
-        except TimeoutError:
-            return self._finish(task.id, FAILED, "agent_task_failed",
-                                f"the task passed its deadline of {self.config.deadline_s:g} s (--deadline)")
+        except TimeoutError as exc:
+            if not deadline.expired():
+                return self._finish(task.id, FAILED, "agent_task_failed", f"TimeoutError: {exc}")
+            return self._finish(task.id, FAILED, "agent_task_failed", f"the task passed its deadline of "
+                                f"{self.config.deadline_s:g} s (--deadline)", raw_output=self._partial.get(task.id, ""))
         except asyncio.CancelledError:
             self.interrupt(task.id, "cancelled while running: the mesh was halted or the agent stopped")
             raise

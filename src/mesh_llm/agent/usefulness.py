@@ -16,15 +16,14 @@ from mesh_llm.agent.schema import ProposalSchema
 
 log = logging.getLogger(__name__)
 
-MIN_WORDS = 3  # words of two or more letters a free-text parameter needs
+MIN_WORDS = 3  # different words of two or more letters a free-text parameter needs
 COPY_MIN_CHARS = 24  # a shared stretch this long ...
 COPY_SHARE = 0.7  # ... covering this share of the text makes it a copy of the prompt
 # words naming what the observation measures (whole words, any case)
 METRIC = re.compile(r"\b(rtt|latency|round trip|ms|failures?|tokens/s|tok/s|throughput|weight|served|refusals?|"
                     r"halt(ed)?|p50|p90|online|suspect|quarantined|offline|slow(er|est)?|fast(er|est)?|nll|"
-                    r"policy|k)\b", re.IGNORECASE)
+                    r"policy|experts? mixed)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
-_TELLING = re.compile(r"\d{2,}|\d\.\d")  # a number too specific to match the observation by chance
 _WORD = re.compile(r"[A-Za-z]{2,}")
 
 
@@ -45,6 +44,11 @@ def _numbers(text: str) -> list[str]:
     return _NUMBER.findall(text)
 
 
+def _telling(number: str) -> bool:
+    """Whether number has two significant digits or more (too specific to match the observation by chance)."""
+    return len(number.replace(".", "").lstrip("0")) >= 2
+
+
 def _same_number(cited: str, seen: str) -> bool:
     places = len(cited.partition(".")[2])
     return abs(float(cited) - float(seen)) <= 0.5 * 10.0 ** -places
@@ -56,7 +60,7 @@ def cited_metrics(rationale: str, snap: Snapshot) -> list[str]:
         return []
     observed = render(snap, budget_chars=1 << 20)
     seen = set(_numbers(observed))
-    cited = [n for n in _numbers(rationale) if _TELLING.search(n) and any(_same_number(n, s) for s in seen)]
+    cited = [n for n in _numbers(rationale) if _telling(n) and any(_same_number(n, s) for s in seen)]
     cited += [e.expert_id for e in snap.experts if e.expert_id in rationale]
     return cited
 
@@ -94,8 +98,8 @@ def problems(proposal: dict, *, prompt: str, snap: Snapshot, free_text: tuple[st
         value = proposal["params"].get(name)
         if not isinstance(value, str):
             continue
-        if len(_WORD.findall(value)) < MIN_WORDS:
-            found.append(f"parameter {name} {value!r} has fewer than {MIN_WORDS} words")
+        if len({w.lower() for w in _WORD.findall(value)}) < MIN_WORDS:
+            found.append(f"parameter {name} {value[:40]!r} has fewer than {MIN_WORDS} different words")
         elif copied_from(value, prompt):
             found.append(f"parameter {name} is copied from the prompt")
     rationale = proposal["rationale"]
