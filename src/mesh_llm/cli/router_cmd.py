@@ -51,7 +51,10 @@ def serve(
     k: int = typer.Option(2, help="Default experts mixed per token."),
     policy: str = typer.Option("random", help="Default selection policy: random, capacity, latency, posterior "
                                "(experts that best explain the recent context) or posterior-prompt (the prompt only)."),
-    mix: str = typer.Option("linear", help="Default aggregation: linear or geometric."),
+    mix: str = typer.Option("linear", help="Default aggregation: linear, geometric or robust (with K >= 3 the "
+                            "expert farthest from the others is left out, the rest mixed linearly)."),
+    spot_check: float = typer.Option(0.05, help="Fraction of rounds whose replies are compared with other experts "
+                                     "of the same model; experts that keep disagreeing lose trust and are quarantined."),
     top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
     deadline_s: float = typer.Option(10.0, help="Longest wait for one token's expert replies."),
     extra: int = typer.Option(1, help="Default straggler over-selection: ask K+extra experts, mix the first K "
@@ -92,7 +95,7 @@ def serve(
     settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
                             step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max,
                             posterior_temperature=posterior_temperature, posterior_floor=posterior_floor,
-                            default_extra=extra, family=family.strip().lower())
+                            default_extra=extra, family=family.strip().lower(), spot_check=spot_check)
     try:
         settings.validate()
     except ValueError as exc:  # a setting no generation could use: say which, without a traceback
@@ -167,7 +170,7 @@ def generate(
                                  "--resume."),
     k: int = typer.Option(0, help="Experts mixed per token (0: router default)."),
     policy: str = typer.Option("", help="random, capacity, latency, posterior or posterior-prompt (default: router's)."),
-    mix: str = typer.Option("", help="linear or geometric (default: router's)."),
+    mix: str = typer.Option("", help="linear, geometric or robust (default: router's)."),
     top_k: int = typer.Option(0, "--top-k", help="Entries asked of each expert (0: router default)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),

@@ -16,6 +16,9 @@ outside the union as its rest mass, so it is itself a normalised distribution (a
 
 - ``linear``: weighted mean of probabilities.
 - ``geometric``: weighted mean of log-probabilities, renormalised.
+- ``robust``: with three or more experts, the one farthest from the others (largest mean
+  divergence, see `divergences`) is dropped and the rest are mixed linearly; the result still
+  lists every id any expert listed. With fewer than three it is ``linear``.
 
 Everything is float64 and log-sum-exp; no full-vocabulary array is built (see full_vocab_mix for
 the dense reference used by experiments and tests).
@@ -35,7 +38,7 @@ from mesh_llm.wire import SparseDist
 
 log = logging.getLogger(__name__)
 
-MIX_RULES = ("linear", "geometric")
+MIX_RULES = ("linear", "geometric", "robust")
 FILL_RULES = ("spread", "zero", "floor")
 LOG_FLOOR = -1.0e4  # stands for log(0) in geometric mixing: exp() of it is exactly 0 in float64
 _TINY = 1e-280  # below this a linear mix in probability space may have lost precision to underflow
@@ -81,6 +84,8 @@ def mix(
     if not dists:
         raise ValueError("nothing to mix: no distributions")
     w = normalise_weights(weights, len(dists))
+    if rule == "robust":
+        return _robust(dists, w, vocab_size, fill)
     if np.any(w == 0):
         keep = np.flatnonzero(w > 0)
         dists, w = [dists[i] for i in keep], w[keep]
@@ -211,6 +216,11 @@ def full_vocab_mix(logprobs: np.ndarray, weights: Sequence[float] | np.ndarray |
     w = normalise_weights(weights, dense.shape[0])
     keep = w > 0
     dense, w = dense[keep], w[keep]
+    if rule == "robust":
+        rule = "linear"
+        if len(dense) >= 3:
+            drop = outlier(_symmetric_kl(np.maximum(dense, KL_FLOOR), np.ones(1)))
+            dense, w = np.delete(dense, drop, axis=0), np.delete(w, drop)
     if rule == "linear":
         mixed = _logsumexp_rows(dense + np.log(w)[:, None])
     else:
@@ -223,3 +233,58 @@ def densify(dist: SparseDist, vocab_size: int) -> np.ndarray:
     dense = np.full(vocab_size, dist.spread_logprob(vocab_size))
     dense[dist.ids] = dist.logprobs
     return dense
+
+
+KL_FLOOR = math.log(1e-12)  # log-probabilities are floored here before divergences, so a zero costs ~28 nats
+
+
+def divergences(dists: Sequence[SparseDist], vocab_size: int) -> np.ndarray:
+    """Symmetric KL, (KL(p||q) + KL(q||p)) / 2 in nats, between every pair of distributions (a K x K matrix).
+
+    Each distribution gives every id it did not list its spread value (as densify does), and
+    log-probabilities are floored at KL_FLOOR, so the figure equals the one over the full vocabulary
+    and stays finite for a distribution that puts no mass somewhere.
+    """
+    union, _ = _union(np.concatenate([d.ids for d in dists]))
+    outside = vocab_size - len(union)
+    table = np.empty((len(dists), len(union) + (outside > 0)))
+    for row, d in zip(table, dists):
+        row[:] = d.spread_logprob(vocab_size)
+        row[np.searchsorted(union, d.ids)] = d.logprobs
+    counts = np.ones(table.shape[1])
+    if outside > 0:
+        counts[-1] = outside  # one column stands for every id outside the union
+    return _symmetric_kl(np.maximum(table, KL_FLOOR), counts)
+
+
+def _symmetric_kl(table: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Pairwise symmetric KL of rows of per-id log-probabilities, column j standing for counts[j] ids."""
+    p = np.exp(table) * counts
+    cross = p @ table.T  # cross[i, j] = sum_x p_i(x) log p_j(x)
+    kl = np.diag(cross)[:, None] - cross
+    return np.maximum((kl + kl.T) / 2, 0.0)
+
+
+def outlier(pairwise: np.ndarray) -> int:
+    """Index of the row farthest on average from the others (the first on a tie)."""
+    return int(np.argmax(pairwise.sum(axis=1)))
+
+
+def _robust(dists: Sequence[SparseDist], w: np.ndarray, vocab_size: int, fill: str) -> SparseDist:
+    """Linear mix without the farthest expert (K >= 3), listing every id that any expert listed."""
+    dists, w = [d for d, x in zip(dists, w) if x > 0], w[w > 0]
+    if len(dists) < 3:
+        return mix(dists, vocab_size=vocab_size, weights=w, rule="linear", fill=fill)
+    drop = outlier(divergences(dists, vocab_size))
+    kept = [d for i, d in enumerate(dists) if i != drop]
+    mixed = mix(kept, vocab_size=vocab_size, weights=np.delete(w, drop), rule="linear", fill=fill)
+    extra = np.setdiff1d(dists[drop].ids, mixed.ids)
+    if not len(extra):
+        return mixed
+    spread = mixed.spread_logprob(vocab_size)  # what the mix already gives each of those ids
+    unlisted = vocab_size - len(mixed.ids)
+    rest = mixed.rest_logmass + math.log((unlisted - len(extra)) / unlisted) if unlisted > len(extra) else -math.inf
+    ids, where = _union(np.concatenate([mixed.ids, extra]))
+    logprobs = np.empty(len(ids))
+    logprobs[where] = np.concatenate([mixed.logprobs, np.full(len(extra), spread)])
+    return SparseDist(ids=ids, logprobs=logprobs, rest_logmass=rest)

@@ -32,6 +32,7 @@ from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.speculation import GammaController
 from mesh_llm.router.steps import CallResult, Halted, Target, call_expert, gather_replies
+from mesh_llm.router.trust import spot_check, trust_book
 from mesh_llm.router.tokenizers import TokenizerCache
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class Generation:
         self.tracker = (PosteriorTracker(settings.posterior_config(prompt_only=self.plan.policy == "posterior-prompt"))
                         if self.plan.policy in POSTERIOR_POLICIES else None)
         self.metrics = router_metrics(registry)
+        self.trust = trust_book(registry)  # spot-check trust per expert: scales weights, quarantines liars
+        self.check_rng = np.random.default_rng()  # which rounds are spot-checked (apart from the seeded draws)
 
     async def start(self) -> None:
         """Pick the tokenizer family, tokenize the prompt and check limits; GenerationError if it cannot run."""
@@ -430,6 +433,8 @@ class Generation:
             if prefill:
                 tracker.freeze_if_prompt_only()
         used, weights = self._choose(answered)
+        if used and self.check_rng.random() < self.settings.spot_check:
+            used, weights = await self._spot_check(ranked, used, answered, results, state, call)
         if not used:
             outcomes = ", ".join(f"{r.expert_id}: {r.outcome}" for r in results) or "no expert could be asked"
             raise GenerationError("UNAVAILABLE", f"no expert answered token {len(state.completion)} in time "
@@ -515,8 +520,8 @@ class Generation:
         return [c for c in candidates if c.expert_id in self.allow] if self.allow else candidates
 
     def _rank(self, state: _State) -> list[Candidate]:
-        family = [c for c in self._allowed(self.registry.candidates())
-                  if c.tokenizer_fingerprint == self.fingerprint and c.expert_id in self.usable]
+        family = self.trust.annotate([c for c in self._allowed(self.registry.candidates())
+                                      if c.tokenizer_fingerprint == self.fingerprint and c.expert_id in self.usable])
         context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]),
                               posterior=self.tracker.posterior() if self.tracker is not None else None)
         return self.policy.select(family, len(family), self.rng, context)
@@ -526,7 +531,21 @@ class Generation:
         return Target(expert_id=record.expert_id, stub=self.pool.stub(record.address), vocab_size=record.vocab_size)
 
     def _weight(self, expert_id: str) -> float:
-        return self.registry.get(expert_id).weight
+        return self.registry.get(expert_id).weight * self.trust.trust(expert_id)
+
+    async def _spot_check(self, ranked: list[Candidate], used: list[CallResult], answered: list[CallResult],
+                          results: list[CallResult], state: _State, call) -> tuple[list[CallResult], list[float]]:
+        """Judge this round's replies against referees of the same model; mix without those that failed."""
+        deadline = self.plan.deadline_s * PREFILL_DEADLINE_FACTOR  # a referee may have to read the whole context
+        check = await spot_check(used, ranked=ranked, model_of=lambda eid: self.registry.get(eid).model_id,
+                                 ask=lambda c: call(c, deadline), vocab_size=self.vocab_size, book=self.trust,
+                                 rng=self.check_rng)
+        self._account(check.referee_calls, state, timed_out=False, deadline_ms=deadline * 1000)
+        results.extend(check.referee_calls)  # their sessions now hold the context like the others'
+        for passed, _ in check.judged.values():
+            self.metrics.spot_checks.labels("passed" if passed else "failed").inc()
+        kept = [r for r in answered + check.referee_calls if r.ok and r.expert_id not in check.failed]
+        return self._choose(kept) if kept else self._choose(used)
 
     def _account(self, results: list[CallResult], state: _State, *, timed_out: bool, deadline_ms: float
                  ) -> list[CallResult]:

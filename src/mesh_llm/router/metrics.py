@@ -55,9 +55,12 @@ class RouterMetrics:
         self.expert_call_seconds = Histogram("mesh_router_expert_call_seconds", "Latency of Step calls that "
                                              "answered", buckets=STEP_BUCKETS, registry=r)
         self.active = Gauge("mesh_router_active_generations", "Generations streaming now", registry=r)
+        self.spot_checks = Counter("mesh_router_spot_checks", "Verdicts of spot checks on experts' replies, by "
+                                   "outcome (passed, failed)", ["outcome"], registry=r)
         self.http_requests = Counter("mesh_api_requests", "HTTP API requests, by route and status",
                                      ["route", "status"], registry=r)
         self._state: Collector | None = None
+        self._trust: Collector | None = None
         self._credits: Collector | None = None
 
     def watch_mesh(self, experts: Callable[[], list], halted: Callable[[], bool]) -> None:
@@ -73,6 +76,13 @@ class RouterMetrics:
             self.registry.unregister(self._credits)
         self._credits = _Credits(rows)
         self.registry.register(self._credits)
+
+    def watch_trust(self, rows: Callable[[], list]) -> None:
+        """Report each spot-checked expert's trust and quarantine (router.trust rows) at every scrape."""
+        if self._trust is not None:
+            self.registry.unregister(self._trust)
+        self._trust = _Trust(rows)
+        self.registry.register(self._trust)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
@@ -120,6 +130,22 @@ class _Credits(Collector):
         for r in self.rows():
             credits.add_metric([r.donor[:16] or "none", r.expert_id], r.tokens)
         yield credits
+
+
+class _Trust(Collector):
+    def __init__(self, rows: Callable[[], list]) -> None:
+        self.rows = rows
+
+    def collect(self) -> Iterator:
+        trust = GaugeMetricFamily("mesh_router_expert_trust", "Spot-check trust of each checked expert (0..1; it "
+                                  "scales the mixing weight)", labels=["expert_id"])
+        out = GaugeMetricFamily("mesh_router_expert_trust_quarantined", "1 when spot checks put the expert out of "
+                                "selection", labels=["expert_id"])
+        for r in self.rows():
+            trust.add_metric([r.expert_id], r.trust)
+            out.add_metric([r.expert_id], 1.0 if r.quarantined else 0.0)
+        yield trust
+        yield out
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

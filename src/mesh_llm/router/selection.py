@@ -2,7 +2,7 @@
 
 A policy returns up to n candidates (K, or K+s when over-selecting for stragglers), most
 preferred first; fewer when fewer are eligible, and the caller reports the degradation. Experts
-with weight 0 are never selected. Every policy first orders the candidates by expert_id, so a
+with weight 0 or trust 0 (quarantined by spot checks) are never selected. Every policy first orders the candidates by expert_id, so a
 run with the same seed and the same candidates picks the same experts whatever order they came in.
 """
 
@@ -29,6 +29,7 @@ class Candidate:
     tokens_per_second: float  # measured decode capacity; 0 while unknown
     weight: float  # mixing weight set by the operator (0 = never selected)
     tokenizer_fingerprint: str  # experts are only mixed within one fingerprint
+    trust: float = 1.0  # spot-check trust in 0..1 (router.trust); 0 = quarantined, never selected
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,8 +67,8 @@ class LearnedGate(Protocol):
 
 
 def eligible(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates with a positive weight, ordered by expert_id."""
-    return sorted((c for c in candidates if c.weight > 0), key=lambda c: c.expert_id)
+    """Candidates with a positive weight and trust, ordered by expert_id."""
+    return sorted((c for c in candidates if c.weight > 0 and c.trust > 0), key=lambda c: c.expert_id)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,7 @@ class MeshSettings:
     posterior_floor: float = 0.05  # posterior routing: least mixing weight of a selected expert
     posterior_window: int = 64  # posterior routing: recent scored tokens that count
     family: str = ""  # tokenizer fingerprint mixed when a request names none; "" = the first family checked
+    spot_check: float = 0.0  # fraction of rounds whose replies are compared with referees of the same model (router.trust)
 
     def posterior_config(self, prompt_only: bool = False) -> PosteriorConfig:
         """Posterior-routing settings as a config (ValueError when out of range)."""
@@ -47,6 +48,8 @@ class MeshSettings:
         check_gamma(self.default_draft_max)
         if not self.step_deadline_s > 0 or self.step_deadline_s == float("inf"):
             raise ValueError(f"step_deadline_s must be a finite number > 0, got {self.step_deadline_s}")
+        if not 0.0 <= self.spot_check <= 1.0:  # NaN fails this too
+            raise ValueError(f"spot_check must be a fraction of rounds in 0..1, got {self.spot_check}")
         if self.default_extra < 0:
             raise ValueError(f"default_extra must be >= 0, got {self.default_extra}")
         if self.family and not re.fullmatch(r"[0-9a-f]{64}", self.family):
