@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, delete, inspect, select, text
 
 from mesh_llm.agent.tasks import TaskStore
 from mesh_llm.governance.core import Governance
@@ -16,7 +16,7 @@ from mesh_llm.governance.testing import make_signers
 from mesh_llm.router.registry import ExpertSpec, Registry
 from mesh_llm.store import dialect
 from mesh_llm.store.db import STORE_ENV, StoreUnavailable, default_db_url, open_engine
-from mesh_llm.store.migrate import current_version, discover, upgrade
+from mesh_llm.store.migrate import current_version, discover, schema_version, upgrade
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml")
 SPEC = ExpertSpec(model_id="tiny", tokenizer_fingerprint="fp-a", vocab_size=512, context_limit=256,
@@ -30,6 +30,17 @@ def test_every_migration_applies_once(store_url):
     assert upgrade(engine) == newest  # a second start changes nothing
     tables = set(inspect(engine).get_table_names())
     assert {"experts", "gov_audit", "agent_tasks", "schema_version"} <= tables
+    engine.dispose()
+
+
+def test_a_migration_numbered_below_the_newest_is_still_applied(store_url):
+    engine = open_engine(store_url)
+    with engine.begin() as conn:  # as if v006 had landed after v007 was applied
+        conn.execute(delete(schema_version).where(schema_version.c.version == 6))
+        conn.execute(text("DROP TABLE credit_ledger"))
+        conn.execute(text("DROP TABLE credit_donors"))
+    assert upgrade(engine) == max(m.version for m in discover())
+    assert {"credit_ledger", "credit_donors"} <= set(inspect(engine).get_table_names())
     engine.dispose()
 
 

@@ -48,30 +48,37 @@ def discover() -> list[Migration]:
     return found
 
 
+def applied_versions(engine: Engine) -> set[int]:
+    """Versions of the migrations applied to the database (empty for an empty database)."""
+    if not inspect(engine).has_table("schema_version"):
+        return set()
+    with engine.connect() as conn:
+        return set(conn.execute(select(schema_version.c.version)).scalars().all())
+
+
 def current_version(engine: Engine) -> int:
     """Highest applied migration version (0 for an empty database)."""
-    if not inspect(engine).has_table("schema_version"):
-        return 0
-    with engine.connect() as conn:
-        versions = conn.execute(select(schema_version.c.version)).scalars().all()
-    return max(versions, default=0)
+    return max(applied_versions(engine), default=0)
 
 
 def upgrade(engine: Engine) -> int:
-    """Apply every migration newer than the database's version; return the final version."""
-    pending = [m for m in discover() if m.version > current_version(engine)]
-    if not pending:
-        return current_version(engine)
+    """Apply every shipped migration the database lacks, in version order; return the highest version.
+
+    A migration numbered below one already applied (two added on different branches) is applied too.
+    """
+    done = applied_versions(engine)
+    if all(m.version in done for m in discover()):
+        return max(done, default=0)
     with engine.begin() as conn:  # one writer migrates; a process starting alongside waits, then finds it done
         lock_for_writing(conn, "schema migrations")
         _meta.create_all(conn, tables=[schema_version])
-        applied = max(conn.execute(select(schema_version.c.version)).scalars().all(), default=0)
+        done = set(conn.execute(select(schema_version.c.version)).scalars().all())
         op = Operations(MigrationContext.configure(conn))
-        for migration in pending:
-            if migration.version <= applied:
+        for migration in discover():
+            if migration.version in done:
                 continue
             migration.module.upgrade(op)
             conn.execute(insert(schema_version).values(version=migration.version, description=migration.description))
             log.info("applied schema migration %d: %s", migration.version, migration.description)
-            applied = migration.version
-    return applied
+            done.add(migration.version)
+    return max(done)
