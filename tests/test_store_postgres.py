@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, delete, inspect, select, text
 
@@ -13,6 +14,9 @@ from mesh_llm.agent.tasks import TaskStore
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import load_policy
 from mesh_llm.governance.testing import make_signers
+from mesh_llm.pb import router_pb2
+from mesh_llm.router.checkpoints import CheckpointStore, ResumeRefused, Snapshot
+from mesh_llm.router.credits import CreditLedger
 from mesh_llm.router.registry import ExpertSpec, Registry
 from mesh_llm.store import dialect
 from mesh_llm.store.db import STORE_ENV, StoreUnavailable, default_db_url, open_engine
@@ -67,6 +71,61 @@ def test_governance_halt_and_audit_chain(store_url, tmp_path):
     result = reopened.verify_audit()
     assert result.ok and result.checked >= 1
     reopened.engine.dispose()
+
+
+def test_two_processes_writing_governance_keep_one_audit_chain(store_url):
+    signers = make_signers(["alice", "bob", "carol"])
+    govs = [Governance(engine=open_engine(store_url), policy=POLICY, members=signers.members()) for _ in range(2)]
+    proposal = {"kind": "note", "target": "router", "params": {"text": "x"}, "rationale": "r"}
+
+    def submit_many(gov: Governance) -> None:
+        for _ in range(15):
+            gov.submit(proposal, author="alice")
+
+    threads = [threading.Thread(target=submit_many, args=(g,)) for g in govs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    result = govs[0].verify_audit()
+    assert result.ok and result.checked == 30 and len(govs[1].proposals()) == 30
+    for g in govs:
+        g.engine.dispose()
+
+
+def test_credit_ledger_adds_up_across_flushes_and_reopening(store_url):
+    ledger = CreditLedger(open_engine(store_url))
+    ledger.bind("e-1", "donor-a")
+    ledger.earn(["e-1", "e-2"], 3)
+    assert ledger.flush() == 6
+    ledger.earn(["e-1"], 4)
+    ledger.flush()
+    ledger.engine.dispose()
+    again = CreditLedger(open_engine(store_url))
+    again.earn(["e-1"], 1)  # the donor binding came back from the store
+    assert [(r.donor, r.expert_id, r.tokens) for r in again.rows()] == [("donor-a", "e-1", 8), ("", "e-2", 3)]
+    assert again.balance("donor-a") == 8 and again.balance("") == 0
+    again.engine.dispose()
+
+
+def test_checkpoints_overwrite_load_and_finish(store_url):
+    store = CheckpointStore(open_engine(store_url), every=4)
+    request = router_pb2.GenerateRequest(prompt="hi", k=2, seed=5)
+    rng = np.random.default_rng(5)
+    rng.random(3)
+    for n in (4, 8):
+        store.save("g-1", request, Snapshot(completion=list(range(n)), logprobs=[-1.0] * n, experts=[["e-1"]] * n,
+                                            held={"e-1": n - 1}, rounds=n, drafted=0, accepted=0,
+                                            selection_rng=rng.bit_generator.state))
+    loaded = store.load("g-1")
+    assert loaded.request == request and loaded.snapshot.completion == list(range(8))
+    restored = np.random.default_rng()
+    restored.bit_generator.state = loaded.snapshot.selection_rng  # 128-bit state survives the store
+    assert restored.random() == rng.random()
+    store.finish("g-1", "length")
+    with pytest.raises(ResumeRefused, match="already finished"):
+        store.load("g-1")
+    store.engine.dispose()
 
 
 def test_agent_tasks_get_ids_in_order(store_url):

@@ -7,11 +7,12 @@ from collections.abc import Iterator
 
 from sqlalchemy import Connection, Engine
 
+from mesh_llm.store.dialect import lock_for_writing
+
 
 @contextlib.contextmanager
 def write_tx(engine: Engine) -> Iterator[Connection]:
-    """A transaction holding the database write lock from its start (BEGIN IMMEDIATE on SQLite)."""
+    """A transaction holding the governance write lock from its start (SQLite: BEGIN IMMEDIATE; PostgreSQL: advisory)."""
     with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        lock_for_writing(conn, "governance")
         yield conn
