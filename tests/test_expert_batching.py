@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,10 @@ from mesh_llm.expert.batching import StepCall, StepGatherer
 from mesh_llm.expert.engine import StepEngine
 from mesh_llm.expert.sessions import SessionLimits
 from mesh_llm.pb import expert_pb2
+from tests.api_helpers import api_mesh
 from tests.expert_helpers import decode_reply, reference_logprobs, running_expert
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 PROMPTS = {"a": [5, 17, 42], "b": [9, 8, 7, 6, 5, 4, 3, 2], "c": [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110,
                                                               111, 112], "d": [33]}
@@ -154,3 +160,17 @@ def test_steps_use_the_cache_argument_not_deprecated_past_key_values(tiny_loaded
         warnings.simplefilter("error")
         results = engine.step_batch(calls)
     assert [r.session_length for r in results] == [3, 2][:len(calls)]
+
+
+async def test_32_concurrent_http_generations_on_3_experts_all_complete_batched(tiny_loaded, tmp_path):
+    sys.path.insert(0, str(EXPERIMENTS))
+    load_http = importlib.import_module("load_http")
+    async with api_mesh([tiny_loaded] * 3, tmp_path, expert_kw={"limits": SessionLimits(max_batch=8)}) as (mesh, api):
+        result = await load_http.load_round(api.base_url, requests=32, max_tokens=8)
+        batches = [e.service.metrics.batch_size.collect()[0].samples for e in mesh.experts]
+    assert result.errors == [] and result.completed == 32
+    assert result.completion_tokens > 32
+    counts = [next(s.value for s in b if s.name.endswith("_count")) for b in batches]
+    steps = [next(s.value for s in b if s.name.endswith("_sum")) for b in batches]
+    assert all(n > 0 for n in counts)  # every expert served
+    assert sum(counts) < sum(steps)  # and steps of different generations shared forward passes

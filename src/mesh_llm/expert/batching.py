@@ -15,8 +15,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-GATHER_SHARE = 0.1  # at most this share of the last batch's time is spent waiting for more steps
-GATHER_MAX_S = 0.01  # and never longer than this
+GATHER_SHARE = 0.5  # at most this share of the last batch's time is spent waiting for more steps
+GATHER_MAX_S = 0.05  # and never longer than this
 
 
 @dataclass(frozen=True, kw_only=True)

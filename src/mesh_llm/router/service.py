@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh_llm.auth import Credentials, bearer_of, expert_token, token_expert
+from mesh_llm.auth import Credentials, bearer_of, expert_token, local_credentials, token_expert
 from mesh_llm.errors import MeshError
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.errors import MeshHalted
@@ -35,6 +35,7 @@ from mesh_llm.router.tokenizers import TokenizerCache, TokenizerMismatch
 log = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 3.0  # a registering address must answer Info within this
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+MAX_PROMPT_CHARS = 1 << 20  # longest prompt a Generate call may send, in characters (RouterService.max_prompt_chars)
 
 
 class HaltSignal:
@@ -78,6 +79,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.checkpoints = checkpoints  # generation checkpoints, for --resume
         self.admission = Admission(credit_policy)  # who runs when the mesh is busy
         self.running_ids: set[str] = set()  # ids of the generations streaming now
+        self.max_prompt_chars = MAX_PROMPT_CHARS  # longer prompts are refused before any expert is asked
         if credits is not None:
             router_metrics(registry).watch_credits(credits.rows)
 
@@ -97,7 +99,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         identity = self.identity(request.expert_key)
         try:
             self.registry.check_address(address, identity)  # refused before the address is contacted
-            credentials = Credentials(expert_key=request.expert_key, pin=request.tls_fingerprint)
+            key = request.access_key or local_credentials(address).expert_key
+            credentials = Credentials(expert_key=key, pin=request.tls_fingerprint)
             spec = await self._checked_spec(address, credentials)
             expert_id = self.registry.register(address, spec, name=request.name, identity=identity)
             if self.credits is not None:
@@ -171,7 +174,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
             default_policy=s.default_policy, default_mix=s.default_mix, halted=switch.is_halted,
             halt_reason=switch.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
             active_generations=len(self.active), phase=self.governance.phase().phase,
-            default_draft=s.default_draft, **self.recent_rounds())
+            default_draft=s.default_draft, credits=self.donor_credits(), **self.recent_rounds())
+
+    def donor_credits(self) -> list[router_pb2.DonorCredits]:
+        """Credits per donor from the ledger, most first (empty without a ledger)."""
+        totals: dict[str, int] = {}
+        for row in self.credits.rows() if self.credits is not None else []:
+            totals[row.donor] = totals.get(row.donor, 0) + row.tokens
+        ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+        return [router_pb2.DonorCredits(donor=donor[:16], credits=n) for donor, n in ranked]
 
     def recent_rounds(self) -> dict[str, float]:
         """Tokens per round trip and the share of drafted tokens accepted, over recent generations."""
@@ -194,10 +205,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"the mesh is halted ({self.governance.switch.reason}); "
                                 "a quorum of `mesh resume` votes lifts it")
+        if oversized := self.oversized(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, oversized)
         credits = self.credits.balance(self.identity(request.donor_key)) if self.credits and request.donor_key else 0
         async with self.admission.slot(credits):
             async for event in self._generate(request, context):
                 yield event
+
+    def oversized(self, request: router_pb2.GenerateRequest) -> str:
+        """Why a Generate request asks for more than this mesh serves ("" when it does not)."""
+        if len(request.prompt) > self.max_prompt_chars:
+            return (f"the prompt has {len(request.prompt):,} characters but this router accepts at most "
+                    f"{self.max_prompt_chars:,}; send a shorter prompt")
+        family = request.model_family or self.family()
+        limits = [r.context_limit for r in self.registry.experts()
+                  if r.state == "online" and (not family or r.tokenizer_fingerprint == family)]
+        if limits and request.max_tokens > max(limits):
+            return (f"max_tokens {request.max_tokens} exceeds the experts' context of {max(limits)} tokens (the "
+                    f"prompt's tokens included); ask for at most {max(limits)} minus the prompt's length")
+        return ""
 
     async def _generate(self, request, context):
         try:
