@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh_llm.auth import Credentials, bearer_of, expert_token, local_credentials, token_expert
+from mesh_llm.auth import Credentials, bearer_of, expert_token, token_expert
 from mesh_llm.errors import MeshError
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.errors import MeshHalted
@@ -99,8 +99,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         identity = self.identity(request.expert_key)
         try:
             self.registry.check_address(address, identity)  # refused before the address is contacted
-            key = request.access_key or local_credentials(address).expert_key
-            credentials = Credentials(expert_key=key, pin=request.tls_fingerprint)
+            credentials = Credentials(expert_key=request.expert_key, pin=request.tls_fingerprint)
             spec = await self._checked_spec(address, credentials)
             expert_id = self.registry.register(address, spec, name=request.name, identity=identity)
             if self.credits is not None:
@@ -174,15 +173,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             default_policy=s.default_policy, default_mix=s.default_mix, halted=switch.is_halted,
             halt_reason=switch.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
             active_generations=len(self.active), phase=self.governance.phase().phase,
-            default_draft=s.default_draft, credits=self.donor_credits(), **self.recent_rounds())
-
-    def donor_credits(self) -> list[router_pb2.DonorCredits]:
-        """Credits per donor from the ledger, most first (empty without a ledger)."""
-        totals: dict[str, int] = {}
-        for row in self.credits.rows() if self.credits is not None else []:
-            totals[row.donor] = totals.get(row.donor, 0) + row.tokens
-        ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
-        return [router_pb2.DonorCredits(donor=donor[:16], credits=n) for donor, n in ranked]
+            default_draft=s.default_draft, **self.recent_rounds())
 
     def recent_rounds(self) -> dict[str, float]:
         """Tokens per round trip and the share of drafted tokens accepted, over recent generations."""
