@@ -85,7 +85,7 @@ async def test_a_member_added_after_the_router_started_can_halt_and_resume_throu
 
 async def _stream_done(stub) -> tuple[int, router_pb2.GenerationDone]:
     tokens, done = 0, None
-    request = router_pb2.GenerateRequest(prompt="The capital of France is", k=1, max_tokens=400)
+    request = router_pb2.GenerateRequest(prompt="The capital of France is", k=1, max_tokens=200)
     async for event in stub.Generate(request, timeout=60):
         if event.HasField("token"):
             tokens += 1
