@@ -1,13 +1,15 @@
 """Credits: the ledger equals the tokens served (real router and tiny experts), survives restarts, shows in
-`mesh credits` and /metrics, and a busy router serves clients with credits first."""
+`mesh credits`, `mesh status` and /metrics, and a busy router serves clients with credits first."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
 
+from mesh_llm.auth import Credentials
 from mesh_llm.cli.main import app
 from mesh_llm.grpc_util import channel
 from mesh_llm.pb import router_pb2, router_pb2_grpc
@@ -40,12 +42,17 @@ async def test_ledger_sums_equal_tokens_served_and_survive_a_restart(tiny_loaded
             served += sum(len(e.expert_ids) for e in events)
         rows = mesh.router.service.credits.rows()
         assert sum(r.tokens for r in rows) == served
+        by_donor = Counter()
+        for r in rows:
+            by_donor[r.donor[:16] or "(no key)"] += r.tokens
         per_expert = {e.expert_id: e.tokens_served for e in mesh.router.registry.experts()}
         assert {r.expert_id: r.tokens for r in rows} == {e: n for e, n in per_expert.items() if n}
         exposition = router_metrics(mesh.router.registry).exposition().decode()
         scraped = sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
                       if line.startswith("mesh_router_credits_total{"))
         assert scraped == served
+        status = await asyncio.to_thread(CliRunner().invoke, app, ["status", "--router", mesh.router.address])
+        assert "credits by donor: " + " · ".join(f"{d} {n}" for d, n in by_donor.most_common()) in status.output
     assert _ledger_total(db_url) == served  # written to the store, read by a fresh engine
     restarted = await start_router(config)
     try:
@@ -54,7 +61,7 @@ async def test_ledger_sums_equal_tokens_served_and_survive_a_restart(tiny_loaded
         await restarted.stop(0)
     shown = CliRunner().invoke(app, ["credits", "--db", db_url])
     assert shown.exit_code == 0, shown.output
-    assert f"donor (no key): {served} credits" in shown.output
+    assert all(f"donor {d}: {n} credits" in shown.output for d, n in by_donor.items())
 
 
 async def test_a_keyed_registration_credits_its_donor(tiny_loaded, tmp_path):
@@ -64,7 +71,8 @@ async def test_a_keyed_registration_credits_its_donor(tiny_loaded, tmp_path):
         async with running_expert(tiny_loaded) as (expert, _), channel(router.address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             await stub.RegisterExpert(router_pb2.RegisterExpertRequest(
-                mesh_secret="s3cret", address=expert.address, expert_key="alice-key"), timeout=10)
+                address=expert.address, expert_key="alice-key"), timeout=10,
+                metadata=Credentials(bearer="s3cret").metadata())
             events = [e async for e in stub.Generate(router_pb2.GenerateRequest(prompt=PROMPT, k=1, max_tokens=6),
                                                      timeout=60)]
         tokens = sum(e.HasField("token") for e in events)

@@ -163,6 +163,9 @@ def status(router: str = typer.Option(None, help=ROUTER_HELP),
         console.print(f"draft {st.default_draft} · {st.tokens_per_round:.2f} tokens per round trip · "
                       f"{st.draft_acceptance:.0%} of drafted tokens accepted (recent generations)")
     console.print(status_table(st.experts))
+    if st.credits:
+        shown = " · ".join(f"{c.donor or '(no key)'} {c.credits}" for c in st.credits[:5])
+        console.print(f"credits by donor: {shown}" + (" · ..." if len(st.credits) > 5 else ""))
 
 
 def generate(

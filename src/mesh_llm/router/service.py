@@ -173,7 +173,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
             default_policy=s.default_policy, default_mix=s.default_mix, halted=switch.is_halted,
             halt_reason=switch.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
             active_generations=len(self.active), phase=self.governance.phase().phase,
-            default_draft=s.default_draft, **self.recent_rounds())
+            default_draft=s.default_draft, credits=self.donor_credits(), **self.recent_rounds())
+
+    def donor_credits(self) -> list[router_pb2.DonorCredits]:
+        """Credits per donor from the ledger, most first (empty without a ledger)."""
+        totals: dict[str, int] = {}
+        for row in self.credits.rows() if self.credits is not None else []:
+            totals[row.donor] = totals.get(row.donor, 0) + row.tokens
+        ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+        return [router_pb2.DonorCredits(donor=donor[:16], credits=n) for donor, n in ranked]
 
     def recent_rounds(self) -> dict[str, float]:
         """Tokens per round trip and the share of drafted tokens accepted, over recent generations."""
