@@ -14,10 +14,11 @@ import time
 import zipfile
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
+from mesh_llm.auth import Credentials
+from mesh_llm.grpc_util import channel
 from mesh_llm.models.catalog import DEFAULT_MODEL, resolve
 from mesh_llm.models.convert import ensure_converted, is_converted
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc
@@ -226,7 +227,8 @@ async def test_expert_on_an_empty_home_pulls_converts_and_serves_the_default_mod
     try:
         line = (await asyncio.to_thread(next_lines, lines_of(proc), 1, 600))[0]
         port = int(re.search(r"expert serving on port (\d+)", line).group(1))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        key = (home / "expert_key").read_text().strip()  # the expert's own key: only holders may call it
+        async with channel(f"127.0.0.1:{port}", credentials=Credentials(expert_key=key)) as ch:
             info = await expert_pb2_grpc.ExpertStub(ch).Info(expert_pb2.InfoRequest(), timeout=10)
         assert info.model_id == DEFAULT_MODEL and info.vocab_size == 49152
         proc.terminate()

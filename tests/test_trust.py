@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import socket
 import time
@@ -21,6 +22,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+from mesh_llm.auth import Credentials, expert_token
 from mesh_llm.cli.main import app
 from mesh_llm.expert.engine import StepEngine
 from mesh_llm.expert.join import RouterLink
@@ -118,31 +120,32 @@ def rounds_asking(tokens, expert_id: str) -> int:
 async def test_registration_uses_the_addresses_own_info_and_binds_it_to_its_key(tiny_loaded, tmp_path):
     async with local_mesh([tiny_loaded], tmp_path) as mesh:
         honest = mesh.experts[0].link
-        register = mesh.stub.RegisterExpert
+        register = functools.partial(mesh.stub.RegisterExpert, metadata=Credentials(bearer=SECRET).metadata())
 
         with pytest.raises(grpc.aio.AioRpcError) as err:  # nothing listens there
-            await register(router_pb2.RegisterExpertRequest(mesh_secret=SECRET, address=free_address(),
+            await register(router_pb2.RegisterExpertRequest(address=free_address(),
                                                             info=fake_info(tiny_loaded)))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "did not answer Info" in err.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as err:  # the router's own address serves no Expert
-            await register(router_pb2.RegisterExpertRequest(mesh_secret=SECRET, address=mesh.router.address,
+            await register(router_pb2.RegisterExpertRequest(address=mesh.router.address,
                                                             info=fake_info(tiny_loaded)))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "router" in err.value.details()
 
         # another key cannot take an honest expert's address, nor heartbeat or deregister it
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await register(router_pb2.RegisterExpertRequest(mesh_secret=SECRET, address=honest.advertise,
+            await register(router_pb2.RegisterExpertRequest(address=honest.advertise,
                                                             info=fake_info(tiny_loaded), expert_key="mallory"))
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        mallory = Credentials(bearer=expert_token(SECRET, "e-mallory")).metadata()  # a token of another expert
         for call, request in ((mesh.stub.Heartbeat, router_pb2.HeartbeatRequest),
                               (mesh.stub.Deregister, router_pb2.DeregisterRequest)):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await call(request(mesh_secret=SECRET, expert_id=honest.expert_id, expert_key="mallory"))
+                await call(request(expert_id=honest.expert_id), metadata=mallory)
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
         # the same key may re-register, but the record takes the address's own Info, not the request's claims
-        again = await register(router_pb2.RegisterExpertRequest(mesh_secret=SECRET, address=honest.advertise,
-                                                                info=fake_info(tiny_loaded)))
+        again = await register(router_pb2.RegisterExpertRequest(address=honest.advertise, info=fake_info(tiny_loaded),
+                                                                expert_key=honest.expert_key))
         assert again.expert_id == honest.expert_id
         record = mesh.router.registry.get(honest.expert_id)
         assert (record.state, record.model_id, record.context_limit, record.max_top_k) == \
@@ -293,7 +296,8 @@ async def test_an_expert_whose_tokenizer_files_differ_from_its_family_is_refused
     async with local_mesh([tiny_loaded], tmp_path) as mesh, running_expert(impostor) as (running, _):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await mesh.stub.RegisterExpert(router_pb2.RegisterExpertRequest(
-                mesh_secret=SECRET, address=f"127.0.0.1:{running.port}", info=running.service.info()))
+                address=f"127.0.0.1:{running.port}", info=running.service.info()),
+                metadata=Credentials(bearer=SECRET).metadata())
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "hash to" in err.value.details()
         assert len(mesh.router.registry.experts()) == 1
         tokens, done = await mesh.generate(prompt="Hi", chat=True, k=1, max_tokens=3)

@@ -62,7 +62,7 @@ def serve(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     router: str = typer.Option(None, help="HOST:PORT of a router to register with."),
-    join: str = typer.Option(None, help="Invite token printed by `mesh router serve` (address and secret)."),
+    join: str = typer.Option(None, help="Invite token printed by `mesh router serve` (address, secret and TLS pin)."),
     advertise: str = typer.Option(None, help="HOST:PORT the router dials (default: 127.0.0.1:PORT on loopback, else "
                                   "this machine's address toward the router); set it behind NAT or port forwarding."),
     name: str = typer.Option("", help="A label for this expert in `mesh status`."),

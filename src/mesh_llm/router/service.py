@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh_llm.auth import Credentials, bearer_of, expert_token, token_expert
+from mesh_llm.auth import Credentials, bearer_of, expert_token, local_credentials, token_expert
 from mesh_llm.errors import MeshError
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.errors import MeshHalted
@@ -99,7 +99,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         identity = self.identity(request.expert_key)
         try:
             self.registry.check_address(address, identity)  # refused before the address is contacted
-            credentials = Credentials(expert_key=request.expert_key, pin=request.tls_fingerprint)
+            key = request.access_key or local_credentials(address).expert_key
+            credentials = Credentials(expert_key=key, pin=request.tls_fingerprint)
             spec = await self._checked_spec(address, credentials)
             expert_id = self.registry.register(address, spec, name=request.name, identity=identity)
             if self.credits is not None:
