@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,14 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from meshlab.common import command_line
 
-from mesh_llm.expert.service import ExpertService  # noqa: E402
-from mesh_llm.pb import expert_pb2  # noqa: E402
-from mesh_llm.router.trust import TrustBook, TrustConfig, compare, verdicts  # noqa: E402
-from mesh_llm.wire import SparseDist, decode_topk, encode_topk  # noqa: E402
-
-from meshlab.common import command_line  # noqa: E402
+from mesh_llm.expert.service import ExpertService
+from mesh_llm.pb import expert_pb2
+from mesh_llm.router.trust import TrustBook, TrustConfig, compare, verdicts
+from mesh_llm.wire import SparseDist, decode_topk, encode_topk
 
 LIES = ("shuffle", "onehot", "other")
 TOP_K = 64
@@ -109,7 +109,7 @@ def _summary(rows: list) -> dict:
     kl = np.array([c.kl for c in rows])
     gap = np.array([c.top1_gap for c in rows])
     corr = np.array([c.correlation for c in rows])
-    pct = lambda a, q: round(float(np.percentile(a, q)), 4)  # noqa: E731
+    pct = lambda a, q: round(float(np.percentile(a, q)), 4)
     return {"n": len(rows), "kl_p50": pct(kl, 50), "kl_p99": pct(kl, 99), "kl_max": round(float(kl.max()), 4),
             "kl_min": round(float(kl.min()), 4), "gap_p50": pct(gap, 50), "gap_p99": pct(gap, 99),
             "gap_max": round(float(gap.max()), 4), "gap_min": round(float(gap.min()), 4),
@@ -220,58 +220,91 @@ def _step_calls(router) -> float:
     return sum(s.value for m in metrics.expert_calls.collect() for s in m.samples)
 
 
-async def liar_run(model: str, other: str | None, lie: str, tokens: int, workdir: Path, rounds: int) -> dict:
-    """Quarantine of one liar among three honest experts, and the per-token cost of spot checks."""
-    from mesh_llm.expert.engine import StepEngine
+@contextlib.asynccontextmanager
+async def _mesh(services: list, workdir: Path):
+    """A router spot-checking every round (K=2) with these expert services joined; yields (router, stub, links)."""
     from mesh_llm.grpc_util import channel
     from mesh_llm.pb import router_pb2_grpc
     from mesh_llm.router.server import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
+
+    settings = MeshSettings(default_k=2, spot_check=1.0, default_top_k=TOP_K, default_extra=0)
+    router = await start_router(RouterConfig(port=0, db_url=f"sqlite:///{workdir / 'router.db'}",
+                                             secret="bench", settings=settings))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            links = [await stack.enter_async_context(_served(service, router.invite, f"expert-{i}"))
+                     for i, service in enumerate(services)]
+            ch = await stack.enter_async_context(channel(router.address))
+            yield router, router_pb2_grpc.RouterStub(ch), links
+    finally:
+        await router.stop(0)
+
+
+async def honest_live(model: str, checks: int, tokens: int, workdir: Path) -> dict:
+    """Float32, float32 and bfloat16 experts of one model, every round spot-checked, until `checks` rounds."""
+    from mesh_llm.expert.engine import StepEngine
+    from mesh_llm.router.trust import trust_book
+
+    variants = _variants(model, False)
+    services = [ExpertService(StepEngine(variants[d])) for d in ("float32", "float32", "bfloat16")]
+    async with _mesh(services, workdir) as (router, stub, _):
+        book = trust_book(router.registry)
+        rounds = generations = 0
+        lowest = 1.0
+        while rounds < checks:
+            _, done, _ = await _generate(stub, prompt="Once upon a time", max_tokens=tokens, seed=generations,
+                                         temperature=1.0)
+            rounds += done.rounds
+            generations += 1
+            lowest = min([lowest] + [r.trust for r in book.rows()])
+        rows = book.rows()
+        return {"model": model, "checked_rounds": rounds, "generations": generations,
+                "verdicts": sum(r.checks for r in rows), "failed_verdicts": sum(r.failed for r in rows),
+                "lowest_trust_after_a_generation": round(lowest, 4),
+                "quarantined": [r.expert_id for r in rows if r.quarantined], "threshold": book.config.threshold}
+
+
+async def liar_run(model: str, other: str | None, lie: str, tokens: int, workdir: Path, rounds: int) -> dict:
+    """Quarantine of one liar among three honest experts, and the per-token cost of spot checks."""
+    from mesh_llm.expert.engine import StepEngine
     from mesh_llm.router.trust import trust_book
 
     honest = _variants(model, False)["float32"]
     liar_model = _variants(other, False)["float32"] if lie == "other" else honest
-    settings = MeshSettings(default_k=2, spot_check=1.0, default_top_k=TOP_K, default_extra=0)
-    router = await start_router(RouterConfig(port=0, db_url=f"sqlite:///{workdir / 'router.db'}",
-                                             secret="bench", settings=settings))
+    services = [ExpertService(StepEngine(honest)) for _ in range(3)]
+    services.append(LyingService(StepEngine(liar_model), lie, claims=honest.model_id))
     result: dict = {"lie": lie, "model": model}
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for i in range(3):
-                await stack.enter_async_context(_served(ExpertService(StepEngine(honest)), router.invite, f"honest-{i}"))
-            liar = await stack.enter_async_context(_served(
-                LyingService(StepEngine(liar_model), lie, claims=honest.model_id), router.invite, "liar"))
-            book = trust_book(router.registry)
-            ch = await stack.enter_async_context(channel(router.address))
-            stub = router_pb2_grpc.RouterStub(ch)
-            caught = lambda: any(r.quarantined for r in book.rows() if r.expert_id == liar.expert_id)  # noqa: E731
-            checks = generations = 0
-            while not caught() and generations < 50:  # every round is spot-checked: rounds = checks
-                toks, _, _ = await _generate(stub, until=caught, prompt="The capital of France is",
-                                             max_tokens=tokens, seed=generations, k=2)
-                generations += 1
-                checks += len(toks)
-            liar_row = next(r for r in book.rows() if r.expert_id == liar.expert_id)
-            result.update(quarantined=liar_row.quarantined, spot_checks_until_quarantine=checks,
-                          checks_judging_liar=liar_row.checks, liar_failed=liar_row.failed,
-                          liar_trust=round(liar_row.trust, 3),
-                          honest_lowest_trust=round(min((r.trust for r in book.rows()
-                                                         if r.expert_id != liar.expert_id), default=1.0), 3))
-            result["cost"] = await _check_cost(router, stub, tokens, rounds)
-    finally:
-        await router.stop(0)
+    async with _mesh(services, workdir) as (router, stub, links):
+        liar = links[-1]
+        book = trust_book(router.registry)
+        caught = lambda: any(r.quarantined for r in book.rows() if r.expert_id == liar.expert_id)
+        checks = generations = 0
+        while not caught() and generations < 50:  # every round is spot-checked: rounds = checks
+            toks, _, _ = await _generate(stub, until=caught, prompt="The capital of France is",
+                                         max_tokens=tokens, seed=generations, k=2)
+            generations += 1
+            checks += len(toks)
+        liar_row = next(r for r in book.rows() if r.expert_id == liar.expert_id)
+        result.update(quarantined=liar_row.quarantined, spot_checks_until_quarantine=checks,
+                      checks_judging_liar=liar_row.checks, liar_failed=liar_row.failed,
+                      liar_trust=round(liar_row.trust, 3),
+                      honest_lowest_trust=round(min((r.trust for r in book.rows()
+                                                     if r.expert_id != liar.expert_id), default=1.0), 3))
+        result["cost"] = await _check_cost(router, stub, tokens, rounds)
     return result
 
 
 async def _check_cost(router, stub, tokens: int, rounds: int) -> dict:
-    """Step calls and ms per token with spot checks on every round, 5% of rounds and off, alternated."""
+    """Step calls and ms per token (medians) with spot checks on every round, on 5% of rounds and off, alternated."""
     figures: dict[str, dict[str, list]] = {}
+    rates = (0.0, 1.0, 0.05)
     for r in range(rounds):
-        for rate in (0.0, 1.0, 0.05):
+        for rate in rates[r % 3:] + rates[:r % 3]:  # each rate goes first, second and third in turn
             router.service.settings.spot_check = rate
             before = _step_calls(router)
-            toks, done, seconds = await _generate(stub, prompt="Rivers flow to the sea and", max_tokens=tokens,
-                                                  seed=100 + r, k=2)
+            toks, _, seconds = await _generate(stub, prompt="Rivers flow to the sea and", max_tokens=tokens,
+                                               seed=100 + r, k=2)
             row = figures.setdefault(f"{rate:g}", {"ms_per_token": [], "calls_per_token": []})
             row["ms_per_token"].append(seconds * 1000 / max(len(toks), 1))
             row["calls_per_token"].append((_step_calls(router) - before) / max(len(toks), 1))
@@ -289,6 +322,17 @@ def _tiny_models(workdir: Path) -> tuple[str, str]:
     return (str(build_tiny_llama(workdir / "tiny0", seed=0)), str(build_tiny_llama(workdir / "tiny1", seed=1)))
 
 
+def _real_checkpoint() -> str:
+    """The converted smollm2-135m checkpoint folder in MESH_HOME (pulled first when missing)."""
+    from mesh_llm.models.catalog import resolve
+    from mesh_llm.models.fetch import pull
+    from mesh_llm.models.loading import checkpoint_for
+
+    entry = resolve("smollm2-135m")
+    pull(entry)
+    return str(checkpoint_for(entry))
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run one part of the benchmark and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -298,15 +342,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--positions", type=int, default=256)
     parser.add_argument("--lie", choices=LIES, default="shuffle")
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the spot-check cost measurement")
+    parser.add_argument("--rounds", type=int, default=6, help="alternations of the spot-check cost measurement")
     parser.add_argument("--checks", type=int, default=1000)
+    parser.add_argument("--live", action="store_true", help="honest: spot checks in a live mesh of three experts "
+                        "(float32, float32, bfloat16) instead of replies judged offline")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         tiny, tiny_other = _tiny_models(workdir)
-        model, other = ("smollm2-135m", None) if args.real else (tiny, tiny_other)
+        model, other = (_real_checkpoint(), None) if args.real else (tiny, tiny_other)
+        os.environ["MESH_HOME"] = str(workdir / "home")  # keys and the audit key of this run stay in it
         if args.part == "calibrate":
             figures = calibrate(model, other, args.positions, args.nf4)
+        elif args.part == "honest" and args.live:
+            figures = asyncio.run(honest_live(model, args.checks, args.tokens, workdir))
         elif args.part == "honest":
             figures = honest_checks(model, args.checks, args.nf4, f"sqlite:///{workdir / 'trust.db'}")
         else:

@@ -6,7 +6,6 @@ joined to a real router through the real RouterLink; the honest experts are tiny
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from typer.testing import CliRunner
 
 from mesh_llm.cli.main import app
 from mesh_llm.expert.engine import StepEngine
-from mesh_llm.expert.service import ExpertService
 from mesh_llm.governance import audit
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.router.aggregation import densify, divergences, full_vocab_mix, mix
@@ -27,14 +25,21 @@ from mesh_llm.router.registry import QUARANTINED
 from mesh_llm.router.selection import Candidate, RandomPolicy
 from mesh_llm.router.server import RouterConfig
 from mesh_llm.router.settings import MeshSettings
-from mesh_llm.router.trust import QUARANTINE_EVENT, TrustBook, TrustConfig, compare, trust_book, verdicts
+from mesh_llm.router.trust import (
+    QUARANTINE_EVENT,
+    TrustBook,
+    TrustConfig,
+    compare,
+    trust_book,
+    verdicts,
+)
 from mesh_llm.store.db import open_engine
 from mesh_llm.wire import SparseDist
 from tests.mesh_helpers import local_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from bench_trust import LyingService, _served, onehot, shuffled  # noqa: E402
-from bench_router import recorded_replies  # noqa: E402
+from bench_router import recorded_replies
+from bench_trust import LyingService, _served, onehot, shuffled
 
 PROMPT = "The capital of France is"
 
@@ -194,16 +199,17 @@ async def test_a_lying_expert_is_quarantined_audited_and_never_selected_again(ti
 
 
 async def test_an_operator_lifting_the_quarantine_restores_trust(tiny_loaded, tmp_path):
-    async with local_mesh([tiny_loaded] * 3, tmp_path, spot_checking(tmp_path)) as mesh:
-        async with _served(LyingService(StepEngine(tiny_loaded), "onehot"), mesh.router.invite, "liar") as liar:
-            registry, book = mesh.router.registry, trust_book(mesh.router.registry)
-            for seed in range(6):
-                await mesh.generate(prompt=PROMPT, max_tokens=8, k=2, seed=seed)
-                if registry.get(liar.expert_id).state == QUARANTINED:
-                    break
-            registry.unquarantine(liar.expert_id)
-            assert liar.expert_id in {c.expert_id for c in book.annotate(registry.candidates())}
-            assert book.trust(liar.expert_id) == book.config.initial
+    async with (local_mesh([tiny_loaded] * 3, tmp_path, spot_checking(tmp_path)) as mesh,
+                _served(LyingService(StepEngine(tiny_loaded), "onehot"), mesh.router.invite, "liar") as liar):
+        registry, book = mesh.router.registry, trust_book(mesh.router.registry)
+        for seed in range(6):
+            await mesh.generate(prompt=PROMPT, max_tokens=8, k=2, seed=seed)
+            if registry.get(liar.expert_id).state == QUARANTINED:
+                break
+        assert liar.expert_id not in {c.expert_id for c in book.annotate(registry.candidates())}
+        registry.unquarantine(liar.expert_id)
+        assert liar.expert_id in {c.expert_id for c in book.annotate(registry.candidates())}
+        assert book.trust(liar.expert_id) == book.config.initial
 
 
 async def test_trust_scales_the_mixing_weight_like_the_operator_weight(tiny_loaded, tiny_model_dir_b, tmp_path):
@@ -211,8 +217,8 @@ async def test_trust_scales_the_mixing_weight_like_the_operator_weight(tiny_load
     async with local_mesh([tiny_loaded, other], tmp_path, spot_checking(tmp_path, 0.0)) as mesh:
         registry, book = mesh.router.registry, trust_book(mesh.router.registry)
         first = mesh.experts[0].link.expert_id
-        fields = dict(prompt=PROMPT, max_tokens=6, k=2, seed=3, temperature=1.0)
-        logprobs = lambda tokens: [round(t.logprob, 9) for t in tokens]  # noqa: E731
+        fields = {"prompt": PROMPT, "max_tokens": 6, "k": 2, "seed": 3, "temperature": 1.0}
+        logprobs = lambda tokens: [round(t.logprob, 9) for t in tokens]
         full, _ = await mesh.generate(**fields)
         book.record({first: (False, "test")})
         trusted, _ = await mesh.generate(**fields)
@@ -227,11 +233,11 @@ async def test_trust_scales_the_mixing_weight_like_the_operator_weight(tiny_load
 async def test_no_spot_checks_no_extra_calls_and_honest_experts_keep_full_trust(tiny_loaded, tmp_path):
     async with local_mesh([tiny_loaded] * 3, tmp_path, spot_checking(tmp_path, 0.0)) as mesh:
         before = await _step_calls(mesh)
-        tokens, done = await mesh.generate(prompt=PROMPT, max_tokens=6, k=2, seed=1)
+        _, done = await mesh.generate(prompt=PROMPT, max_tokens=6, k=2, seed=1)
         assert await _step_calls(mesh) - before == 2 * done.rounds
         mesh.router.service.settings.spot_check = 1.0
         before = await _step_calls(mesh)
-        tokens, done = await mesh.generate(prompt=PROMPT, max_tokens=6, k=2, seed=1)
+        _, done = await mesh.generate(prompt=PROMPT, max_tokens=6, k=2, seed=1)
         assert await _step_calls(mesh) - before == 3 * done.rounds  # one referee per round
         book = trust_book(mesh.router.registry)
         assert [r.trust for r in book.rows()] == [1.0] * 3

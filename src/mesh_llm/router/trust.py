@@ -108,10 +108,10 @@ def verdicts(replies: dict[str, SparseDist], vocab_size: int, config: TrustConfi
         mine = [(other, pairs[(eid, other) if eid < other else (other, eid)]) for other in ids if other != eid]
         against = [(other, c) for other, c in mine if not c.agrees(config)]
         if len(mine) >= 2 and 2 * len(against) > len(mine):
-            worst = max(against, key=lambda oc: oc[1].kl)
-            out[eid] = (False, f"disagreed with {len(against)} of {len(mine)} (vs {worst[0]}: KL "
-                               f"{worst[1].kl:.3f} nats, top-1 gap {worst[1].top1_gap:.2f} nats, correlation "
-                               f"{worst[1].correlation:.2f})")
+            name, worst = max(against, key=lambda oc: oc[1].kl)
+            detail = (f"disagreed with {len(against)} of {len(mine)} (vs {name}: KL {worst.kl:.3f} nats, "
+                      f"top-1 gap {worst.top1_gap:.2f} nats, correlation {worst.correlation:.2f})")
+            out[eid] = (False, detail)
         elif 2 * len(against) <= len(mine):
             out[eid] = (True, "")
     return out
