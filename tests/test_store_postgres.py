@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -195,3 +196,30 @@ def test_mesh_store_sets_the_default(monkeypatch, tmp_path):
     assert default_db_url() == "postgresql://u@h/d"
     monkeypatch.delenv(STORE_ENV)
     assert default_db_url().startswith("sqlite:///") and default_db_url().endswith("mesh.db")
+
+
+async def test_a_halt_signed_at_one_router_stops_streams_at_another_on_the_same_store(store_url, tmp_path,
+                                                                                       tiny_loaded):
+    from mesh_llm.grpc_util import channel
+    from mesh_llm.pb import governance_pb2_grpc
+    from mesh_llm.router.server import RouterConfig, start_router
+    from tests.mesh_helpers import local_mesh
+    from tests.test_router_governance import _gov_dir, _halt, _stream
+
+    gov_dir = _gov_dir(tmp_path, phase=1)
+    config = RouterConfig(port=0, db_url=store_url, secret="s3cret", governance_dir=gov_dir, governance_poll_s=0.05)
+    async with local_mesh([tiny_loaded] * 2, tmp_path, config, delay_ms=20) as mesh:
+        other = await start_router(config)
+        try:
+            started = [asyncio.Event() for _ in range(2)]
+            streams = [asyncio.create_task(_stream(mesh.stub, s, k=2, max_tokens=200)) for s in started]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 20)
+            async with channel(other.address) as ch:
+                sent = time.perf_counter()
+                await governance_pb2_grpc.GovernanceStub(ch).HaltMesh(_halt("carol", "halt from router B"))
+            results = await asyncio.wait_for(asyncio.gather(*streams), 5)
+            assert [done.finish_reason for _, done, _ in results] == ["halted"] * 2
+            assert max(end for _, _, end in results) - sent < 1.0
+            assert mesh.router.governance.switch.reason == "halt from router B"
+        finally:
+            await other.stop(0)
