@@ -8,6 +8,8 @@ import grpc
 import pytest
 
 from mesh_llm.auth import Credentials, expert_token
+from mesh_llm.errors import MeshError
+from mesh_llm.expert.server import advertised_address
 from mesh_llm.grpc_util import channel
 from mesh_llm.pb import agent_pb2, agent_pb2_grpc, expert_pb2, expert_pb2_grpc
 from mesh_llm.pb import governance_pb2 as gpb
@@ -130,3 +132,10 @@ async def test_only_callers_holding_the_expert_key_may_step_it(tiny_loaded, tmp_
         tokens, done = await mesh.generate(prompt="hi", max_tokens=3, k=1)  # the router holds the key
         assert done.finish_reason in ("length", "eos", "stop") and tokens
         await asyncio.sleep(0)
+
+
+def test_a_loopback_expert_refuses_to_advertise_itself_to_a_remote_router():
+    with pytest.raises(MeshError, match="--host 0.0.0.0 .* --advertise HOST:PORT"):
+        advertised_address("127.0.0.1", "203.0.113.7:50050", 50061)
+    assert advertised_address("127.0.0.1", "127.0.0.1:50050", 50061) == "127.0.0.1:50061"
+    assert advertised_address("10.1.2.3", "203.0.113.7:50050", 50061) == "10.1.2.3:50061"

@@ -15,11 +15,11 @@ Trust: `register` is called only after the router checked the expert (its Info a
 address, its tokenizer files hashed to its fingerprint); records loaded from the database are not
 checked in this process, are never selected, and are told to register again on their next heartbeat.
 An address is bound to the identity (derived from the expert's key) of its first registrant until its
-record is gone: another identity can neither re-register it nor heartbeat or deregister it. A donor
-identity (key) and name has one row: a restarted expert registering them again takes over its old row (and
-its id), whatever address it now serves on. Which
-experts have answered a Step since they registered is kept too, so generation limits can be taken
-from experts that proved they serve.
+record is gone: another identity cannot re-register it (heartbeats and deregistrations carry the token
+issued to the expert id, see mesh_llm.auth). A donor identity and name have one row: a restarted
+expert registering them again takes over its old row (and its id), whatever address it now serves on.
+Which experts have answered a Step since they registered is kept too, so generation limits can be
+taken from experts that proved they serve.
 """
 
 from __future__ import annotations
@@ -221,15 +221,6 @@ class Registry:
         """AddressTaken when address is bound to another identity and its record is not gone."""
         with self._lock:
             self._check_owner(address, self._by_address.get(address), identity)
-
-    def owned_by(self, expert_id: str, identity: str) -> bool:
-        """Whether identity may act for this expert (it registered it, or nobody did in this process)."""
-        with self._lock:
-            row = self._rows.get(expert_id)
-            if row is None:
-                return True  # unknown ids are answered as unknown, not as someone else's
-            owner = self._owners.get(row["address"])
-            return owner is None or owner == identity
 
     def deregister(self, expert_id: str, reason: str = "") -> bool:
         """Mark an expert that is leaving on purpose gone at once; False when the id is unknown."""
