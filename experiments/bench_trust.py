@@ -291,13 +291,16 @@ async def liar_run(model: str, other: str | None, lie: str, tokens: int, workdir
                       liar_trust=round(liar_row.trust, 3),
                       honest_lowest_trust=round(min((r.trust for r in book.rows()
                                                      if r.expert_id != liar.expert_id), default=1.0), 3))
+        await asyncio.sleep(2.0)  # the generation left when the liar was caught stops on the router meanwhile
         result["cost"] = await _check_cost(router, stub, tokens, rounds)
     return result
 
 
 async def _check_cost(router, stub, tokens: int, rounds: int) -> dict:
-    """Step calls and ms per token (medians) with spot checks on every round, on 5% of rounds and off, alternated."""
-    figures: dict[str, dict[str, list]] = {}
+    """Step calls per token (pooled) and ms per token (median of runs) with spot checks on every round, on 5%
+    of rounds and off, alternated in one run."""
+    ms: dict[str, list] = {}
+    calls: dict[str, list] = {}
     rates = (0.0, 1.0, 0.05)
     for r in range(rounds):
         for rate in rates[r % 3:] + rates[:r % 3]:  # each rate goes first, second and third in turn
@@ -305,14 +308,15 @@ async def _check_cost(router, stub, tokens: int, rounds: int) -> dict:
             before = _step_calls(router)
             toks, _, seconds = await _generate(stub, prompt="Rivers flow to the sea and", max_tokens=tokens,
                                                seed=100 + r, k=2)
-            row = figures.setdefault(f"{rate:g}", {"ms_per_token": [], "calls_per_token": []})
-            row["ms_per_token"].append(seconds * 1000 / max(len(toks), 1))
-            row["calls_per_token"].append((_step_calls(router) - before) / max(len(toks), 1))
-    out = {rate: {k: round(float(np.median(v)), 3) for k, v in row.items()} for rate, row in figures.items()}
+            ms.setdefault(f"{rate:g}", []).append(seconds * 1000 / max(len(toks), 1))
+            calls.setdefault(f"{rate:g}", []).append((_step_calls(router) - before, len(toks)))
+    out = {rate: {"ms_per_token": round(float(np.median(ms[rate])), 3),
+                  "calls_per_token": round(sum(c for c, _ in calls[rate]) / max(sum(n for _, n in calls[rate]), 1), 4)}
+           for rate in ms}
     base = out["0"]
     for rate in ("1", "0.05"):
         out[rate]["ms_ratio_vs_off"] = round(out[rate]["ms_per_token"] / base["ms_per_token"], 3)
-        out[rate]["extra_calls_per_token"] = round(out[rate]["calls_per_token"] - base["calls_per_token"], 3)
+        out[rate]["extra_calls_per_token"] = round(out[rate]["calls_per_token"] - base["calls_per_token"], 4)
     return out
 
 
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--positions", type=int, default=256)
     parser.add_argument("--lie", choices=LIES, default="shuffle")
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=6, help="alternations of the spot-check cost measurement")
+    parser.add_argument("--rounds", type=int, default=9, help="alternations of the spot-check cost measurement")
     parser.add_argument("--checks", type=int, default=1000)
     parser.add_argument("--live", action="store_true", help="honest: spot checks in a live mesh of three experts "
                         "(float32, float32, bfloat16) instead of replies judged offline")
