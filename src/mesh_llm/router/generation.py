@@ -345,11 +345,23 @@ class Generation:
                             selection_rng=self.rng.bit_generator.state,
                             sampler_rng=self.sampler.rng.bit_generator.state)
         try:
-            await asyncio.to_thread(self.checkpoints.save, self.session_id, self.request, snapshot)
+            await asyncio.to_thread(self.checkpoints.save, self.session_id, self._settled_request(), snapshot)
             if self.credits is not None:
                 await asyncio.to_thread(self.credits.flush)
         except Exception:  # a store hiccup costs resumability, never the generation
             log.exception("could not checkpoint generation %s", self.session_id)
+
+    def _settled_request(self) -> router_pb2.GenerateRequest:
+        """The request with the defaults it ran under filled in, so a router restarted with other ones resumes alike."""
+        request = router_pb2.GenerateRequest()
+        request.CopyFrom(self.request)
+        plan = self.plan
+        request.k, request.policy, request.mix, request.fill = plan.k, plan.policy, plan.rule, plan.fill
+        request.top_k, request.step_deadline_s, request.extra = plan.top_k, plan.deadline_s, plan.extra
+        request.max_tokens, request.model_family = plan.max_tokens, self.fingerprint
+        request.draft = f"model:{plan.draft.model}" if plan.draft.kind == "model" else plan.draft.kind
+        request.draft_max = plan.draft_max
+        return request
 
     def _settle(self, state: _State, reason: str | None) -> None:
         """At the end: write the credits earned and mark a finished generation's checkpoint as done."""
