@@ -36,6 +36,7 @@ from mesh_llm.router.trust import (
 from mesh_llm.store.db import open_engine
 from mesh_llm.wire import SparseDist
 from tests.mesh_helpers import local_mesh
+from tests.real_model import real_mesh_home  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from bench_router import recorded_replies
@@ -241,3 +242,15 @@ async def test_no_spot_checks_no_extra_calls_and_honest_experts_keep_full_trust(
         assert await _step_calls(mesh) - before == 3 * done.rounds  # one referee per round
         book = trust_book(mesh.router.registry)
         assert [r.trust for r in book.rows()] == [1.0] * 3
+
+
+@pytest.mark.slow
+def test_real_model_float32_and_bfloat16_agree_and_lies_are_caught(real_mesh_home):  # noqa: F811
+    from mesh_llm.models.catalog import DEFAULT_MODEL
+
+    f32, bf16 = (load(LoadOptions(model=DEFAULT_MODEL, device="cpu", dtype=d)) for d in ("float32", "bfloat16"))
+    a, b = recorded_replies(f32, 128, 64), recorded_replies(bf16, 128, 64)
+    vocab, config, rng = f32.vocab_size, TrustConfig(), np.random.default_rng(0)
+    assert all(compare(x, y, vocab).agrees(config) for x, y in zip(a, b))
+    assert not any(compare(x, onehot(x), vocab).agrees(config) for x in a)
+    assert np.mean([compare(x, shuffled(x, rng), vocab).agrees(config) for x in a]) < 0.5
