@@ -254,3 +254,12 @@ def test_real_model_float32_and_bfloat16_agree_and_lies_are_caught(real_mesh_hom
     assert all(compare(x, y, vocab).agrees(config) for x, y in zip(a, b))
     assert not any(compare(x, onehot(x), vocab).agrees(config) for x in a)
     assert np.mean([compare(x, shuffled(x, rng), vocab).agrees(config) for x in a]) < 0.5
+
+
+async def test_replies_of_the_round_that_are_not_mixed_referee_without_another_call(tiny_loaded, tmp_path):
+    async with local_mesh([tiny_loaded] * 3, tmp_path, spot_checking(tmp_path)) as mesh:
+        before = await _step_calls(mesh)
+        _, done = await mesh.generate(prompt=PROMPT, max_tokens=1, k=2, seed=1, policy="posterior")
+        assert done.rounds == 1  # the prompt's round asks all three under posterior routing
+        assert await _step_calls(mesh) - before == 3
+        assert [r.checks for r in trust_book(mesh.router.registry).rows()] == [1, 1, 1]

@@ -32,8 +32,8 @@ from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.speculation import GammaController
 from mesh_llm.router.steps import CallResult, Halted, Target, call_expert, gather_replies
-from mesh_llm.router.trust import spot_check, trust_book
 from mesh_llm.router.tokenizers import TokenizerCache
+from mesh_llm.router.trust import spot_check, trust_book
 
 log = logging.getLogger(__name__)
 PREFILL_DEADLINE_FACTOR = 3.0
@@ -551,7 +551,7 @@ class Generation:
         deadline = self.plan.deadline_s * PREFILL_DEADLINE_FACTOR  # a referee may have to read the whole context
         check = await spot_check(used, ranked=ranked, model_of=lambda eid: self.registry.get(eid).model_id,
                                  ask=lambda c: call(c, deadline), vocab_size=self.vocab_size, book=self.trust,
-                                 rng=self.check_rng)
+                                 rng=self.check_rng, spare=answered)
         self._account(check.referee_calls, state, timed_out=False, deadline_ms=deadline * 1000)
         results.extend(check.referee_calls)  # their sessions now hold the context like the others'
         for passed, _ in check.judged.values():

@@ -242,25 +242,31 @@ class CheckResult:
 
 async def spot_check(used: Sequence, *, ranked: Sequence[Candidate], model_of: Callable[[str], str],
                      ask: Callable[[Candidate], Awaitable], vocab_size: int, book: TrustBook,
-                     rng: np.random.Generator) -> CheckResult:
+                     rng: np.random.Generator, spare: Sequence = ()) -> CheckResult:
     """Ask referees of the same model as the used replies for the same position, judge everyone, record trust.
 
-    `used` are the CallResults about to be mixed, `ranked` the selectable candidates; per model, referees
-    not among the used are asked (enough for three replies where there are enough experts).
+    `used` are the CallResults about to be mixed, `ranked` the selectable candidates, `spare` good replies
+    of this round that are not mixed (they referee without another call); per model, enough referees
+    not among the used are asked for three replies where there are enough experts.
     """
     used_ids = {r.expert_id for r in used}
     groups: dict[str, list] = {}
     for r in used:
         groups.setdefault(model_of(r.expert_id), []).append(r)
+    spare = [r for r in spare if r.ok and r.expert_id not in used_ids]
     asks: list[tuple[str, Candidate]] = []
+    free: dict[str, list] = {}
     for model, peers in groups.items():
-        pool = [c for c in ranked if c.expert_id not in used_ids and model_of(c.expert_id) == model]
-        need = min(len(pool), max(1, 3 - len(peers)))
+        need = max(1, 3 - len(peers))
+        free[model] = [r for r in spare if model_of(r.expert_id) == model][:need]
+        taken = used_ids | {r.expert_id for r in spare}
+        pool = [c for c in ranked if c.expert_id not in taken and model_of(c.expert_id) == model]
+        need = min(len(pool), need - len(free[model]))
         asks += [(model, pool[i]) for i in sorted(rng.permutation(len(pool))[:need])]
     calls = list(await asyncio.gather(*(ask(c) for _, c in asks)))
     judged: dict[str, tuple[bool, str]] = {}
     for model, peers in groups.items():
-        replies = {r.expert_id: r.dist for r in peers}
+        replies = {r.expert_id: r.dist for r in peers + free[model]}
         replies.update({c.expert_id: r.dist for (m, c), r in zip(asks, calls) if m == model and r.ok})
         if len(replies) >= 2:
             judged.update(verdicts(replies, vocab_size, book.config))
