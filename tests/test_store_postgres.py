@@ -223,3 +223,35 @@ async def test_a_halt_signed_at_one_router_stops_streams_at_another_on_the_same_
             assert mesh.router.governance.switch.reason == "halt from router B"
         finally:
             await other.stop(0)
+
+
+async def _eventually(predicate, timeout: float = 3.0) -> float:
+    began = time.perf_counter()
+    while not predicate():
+        assert time.perf_counter() - began < timeout, "not reached in time"
+        await asyncio.sleep(0.02)
+    return time.perf_counter() - began
+
+
+async def test_an_action_applied_through_one_router_changes_the_settings_of_another(store_url, tmp_path):
+    from mesh_llm.grpc_util import channel
+    from mesh_llm.pb import governance_pb2_grpc
+    from mesh_llm.router.server import RouterConfig, start_router
+    from tests.test_router_governance import _approve, _gov_dir, _halt
+
+    config = RouterConfig(port=0, db_url=store_url, secret="s3cret", governance_dir=_gov_dir(tmp_path, phase=2),
+                          governance_poll_s=0.05)
+    first, second = await start_router(config), await start_router(config)
+    try:
+        before = second.service.settings.default_k
+        async with channel(first.address) as ch:
+            gov = governance_pb2_grpc.GovernanceStub(ch)
+            assert (await _approve(gov, "set_default_k", "router", {"k": before + 1})).status == "applied"
+            assert first.service.settings.default_k == before + 1
+            took = await _eventually(lambda: second.service.settings.default_k == before + 1)
+            await gov.HaltMesh(_halt("carol", "undo it"))  # the halt reverts the action on every router
+        await _eventually(lambda: first.service.settings.default_k == second.service.settings.default_k == before)
+    finally:
+        await first.stop(0)
+        await second.stop(0)
+    assert took < 1.0

@@ -25,6 +25,7 @@ from mesh_llm.router.credits import CreditLedger, CreditPolicy
 from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import Registry, RegistryConfig
 from mesh_llm.router.service import RouterService
+from mesh_llm.router.shared_settings import ActionFollower, follow
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.store.db import open_engine
 
@@ -126,7 +127,9 @@ async def start_router(config: RouterConfig) -> RunningRouter:
     invite = encode_invite(Invite(router=config.advertise or f"{host}:{port}", secret=secret,
                                   fingerprint=config.tls.fingerprint() if config.tls else ""))
     tasks = [asyncio.create_task(_sweep(registry, governance)),
-             asyncio.create_task(governance.watch(config.governance_poll_s))]
+             asyncio.create_task(governance.watch(config.governance_poll_s)),
+             asyncio.create_task(follow(ActionFollower(engine, governance.registry), governance,
+                                        config.governance_poll_s))]  # actions other routers on the store apply
     if governance.switch.is_halted:
         log.warning("router starts HALTED (%s): a quorum of `mesh resume` votes lifts it", governance.switch.reason)
     log.info("router serving on %s:%d", config.host, port)
