@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from meshlab.common import markdown_table, read_jsonl  # noqa: E402
+from meshlab.common import markdown_table, read_jsonl, run_header  # noqa: E402
 
 DPI = 80
 SIZE = (6.4, 4.0)
@@ -30,11 +30,16 @@ SIZE = (6.4, 4.0)
 SPEED_COLUMNS = [
     ("k", "K", ""), ("policy", "policy", ""), ("extra", "extra", ""), ("rtt_ms", "added RTT ms", ".0f"),
     ("probe_rtt_ms", "probed RTT ms", ".1f"), ("jitter_ms", "jitter ms", ".0f"), ("loss", "loss", ".3f"),
-    ("top_k", "top-k", ""), ("tokens", "tokens", ".0f"), ("tokens_per_s", "tokens/s", ".2f"),
-    ("ttft_ms", "TTFT ms", ".0f"), ("latency_p50_ms", "p50 ms/token", ".1f"), ("latency_p99_ms", "p99 ms/token", ".1f"),
+    ("top_k", "top-k", ""), ("tokens", "tokens", ".0f"), ("tokens_per_s_spread", "tokens/s median (min–max)", ""),
+    ("ttft_ms", "TTFT ms", ".0f"), ("latency_p50_ms_spread", "p50 ms/token (min–max)", ""),
+    ("latency_p99_ms_spread", "p99 ms/token (min–max)", ""),
     ("straggler_share", "dropped as late", ".2f"), ("failed_share", "failed calls", ".2f"),
-    ("router_ms_p50", "router ms", ".2f"), ("beyond_compute_p50_ms", "beyond model time ms", ".1f"), ("repeats", "runs", ""),
+    ("router_ms_p50_spread", "router ms (min–max)", ""), ("beyond_compute_p50_ms", "beyond model time ms", ".1f"),
+    ("load_average_1m_spread", "load avg (min–max)", ""), ("repeats", "runs", ""),
 ]
+SPREAD_KEYS = {"tokens_per_s": ".2f", "latency_p50_ms": ".1f", "latency_p99_ms": ".1f", "router_ms_p50": ".2f",
+               "load_average_1m": ".1f"}
+FACTORS = ("policy", "extra", "top_k", "k")  # a comparison table is made for each of these that varies
 BYTES_COLUMNS = [
     ("k", "K", ""), ("top_k", "top-k", ""), ("reply_bytes_per_expert_token", "reply B/expert/token", ".0f"),
     ("request_bytes_per_expert_token", "request B/expert/token", ".0f"),
@@ -77,9 +82,50 @@ def aggregate(points: list[dict]) -> list[dict]:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in POINT_KEY:
                 vals = [m[key] for m in members if isinstance(m.get(key), (int, float)) and not math.isnan(m[key])]
                 row[key] = float(np.median(vals)) if vals else math.nan
+                if key in SPREAD_KEYS and vals:
+                    row[f"{key}_min"], row[f"{key}_max"] = min(vals), max(vals)
+                    row[f"{key}_spread"] = spread_text(row[key], min(vals), max(vals), SPREAD_KEYS[key])
         row["repeats"] = len(members)
         out.append(row)
     return out
+
+
+def spread_text(median: float, low: float, high: float, fmt: str) -> str:
+    """'median (min–max)' with one format."""
+    return f"{median:{fmt}} ({low:{fmt}}–{high:{fmt}})"
+
+
+def noise_verdict(a: dict, b: dict, key: str = "tokens_per_s") -> str:
+    """'within noise' when the min–max ranges of two aggregated points overlap, else which one is faster."""
+    if a.get("repeats", 1) < 2 or b.get("repeats", 1) < 2:
+        return "one run each: no spread to judge"
+    if a[f"{key}_min"] <= b[f"{key}_max"] and b[f"{key}_min"] <= a[f"{key}_max"]:
+        return "within noise"
+    return "second faster" if b[key] > a[key] else "first faster"
+
+
+def comparisons(points: list[dict], factor: str) -> list[dict]:
+    """Each pair of points that differ only in factor: both medians with spreads, their ratio and the verdict."""
+    others = [k for k in POINT_KEY if k != factor]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for p in points:
+        groups[tuple(p.get(k) for k in others) + (tuple(p.get("rtt_per_expert_ms") or ()),)].append(p)
+    out = []
+    for members in groups.values():
+        members = sorted(members, key=lambda r: str(r[factor]))
+        for first, second in zip(members, members[1:]):
+            out.append({"factor": factor, "fixed": ", ".join(f"{k}={first.get(k)}" for k in others
+                                                             if k in ("k", "extra", "policy", "top_k", "rtt_ms")),
+                        "first": f"{factor}={first[factor]}", "first_tps": first["tokens_per_s_spread"],
+                        "second": f"{factor}={second[factor]}", "second_tps": second["tokens_per_s_spread"],
+                        "ratio": second["tokens_per_s"] / first["tokens_per_s"],
+                        "verdict": noise_verdict(first, second)})
+    return out
+
+
+COMPARISON_COLUMNS = [("fixed", "fixed", ""), ("first", "first", ""), ("first_tps", "tokens/s median (min–max)", ""),
+                      ("second", "second", ""), ("second_tps", "tokens/s median (min–max)", ""),
+                      ("ratio", "second ÷ first (medians)", ".2f"), ("verdict", "verdict", "")]
 
 
 def plot_sweep(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Path], str]:
@@ -141,8 +187,12 @@ def plot_sweep(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Path]
             seen.add((r["top_k"], r["k"]))
             byte_rows.append(r)
     table += markdown_table(byte_rows, BYTES_COLUMNS)
-    head = (f"Backend: {backend} — {meta.get('backend_reason', '')}\n\nCommand: `{meta.get('command', '?')}`\n\n"
-            "Each row: the median over its runs of each figure.\n\n")
+    for factor in FACTORS:
+        if len({str(r[factor]) for r in points}) > 1:
+            table += (f"\n\nBy {factor}, everything else fixed (within noise: the min–max ranges of tokens/s overlap):"
+                      f"\n\n" + markdown_table(comparisons(points, factor), COMPARISON_COLUMNS))
+    head = (run_header(meta) + f"Backend: {backend} — {meta.get('backend_reason', '')}\n\n"
+            "Each row: the median over its runs of each figure, min–max in brackets where shown.\n\n")
     return paths, head + table
 
 
@@ -167,7 +217,7 @@ def plot_simulate(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Pa
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center left")
         paths.append(_save(fig, out_dir, f"{prefix}_degradation"))
-    gen = [r for r in rows if r["kind"] == "gen"]
+    gen = sorted(aggregate([r for r in rows if r["kind"] == "gen"]), key=lambda r: (r["policy"], r["k"], r["extra"]))
     if gen:
         fig, ax = plt.subplots(figsize=SIZE)
         for extra in sorted({r["extra"] for r in gen}):
@@ -179,12 +229,16 @@ def plot_simulate(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Pa
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir, f"{prefix}_speed"))
-    cols = [("policy", "policy", ""), ("k", "K", ""), ("extra", "s", ""), ("tokens_per_s", "tokens/s", ".2f"),
-            ("latency_p50_ms", "p50 ms/token", ".0f"), ("modelled_p50_ms", "slowest used expert's step ms", ".0f"),
-            ("overhead_p50_ms", "difference p50 ms", ".1f"), ("router_ms_p50", "router ms p50", ".2f"),
+    cols = [("policy", "policy", ""), ("k", "K", ""), ("extra", "s", ""),
+            ("tokens_per_s_spread", "tokens/s median (min–max)", ""),
+            ("latency_p50_ms_spread", "p50 ms/token (min–max)", ""),
+            ("modelled_p50_ms", "slowest used expert's step ms", ".0f"),
+            ("overhead_p50_ms", "difference p50 ms", ".1f"), ("router_ms_p50_spread", "router ms p50 (min–max)", ""),
             ("union_size_mean", "union", ".0f"), ("straggler_share", "dropped as late", ".2f"),
-            ("calls_per_token", "calls/token", ".2f")]
-    md = markdown_table(gen, cols)
+            ("calls_per_token", "calls/token", ".2f"), ("load_average_1m_spread", "load avg (min–max)", ""),
+            ("repeats", "runs", "")]
+    meta = next((r for r in rows if r["kind"] == "meta"), {})
+    md = run_header(meta) + markdown_table(gen, cols)
     scale = [r for r in rows if r["kind"] == "scale"]
     if scale:
         md += "\n\n" + markdown_table(scale, [("what", "operation", ""), ("p50_ms", "p50 ms", ".3f"),
@@ -199,7 +253,9 @@ def plot_simulate(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Pa
 
 def plot_quality(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Path], str]:
     """Text NLL against top-k for each expert and mixture (the full-vocabulary value at the right)."""
-    text = [r for r in rows if r["kind"] == "text"]
+    meta = next((r for r in rows if r["kind"] == "meta"), None)
+    first = next(iter(meta.get("text_sources") or {"text": None})) if meta else "text"
+    text = [r for r in rows if r["kind"] == "text" and r.get("text", "text") == first]
     top_ks = sorted({r["top_k"] for r in text if r["top_k"] != "full"})
     xs = top_ks + [max(top_ks) * 4]
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
@@ -216,14 +272,14 @@ def plot_quality(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Pat
     ax.set_xscale("log")
     ax.set_xticks(xs, [str(t) for t in top_ks] + ["full"])
     ax.minorticks_off()
-    ax.set(xlabel="top-k per expert reply", ylabel="NLL nats/token", title="Held-out NLL vs top-k")
+    ax.set(xlabel="top-k per expert reply", ylabel="NLL nats/token", title=f"NLL vs top-k on {first}")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     paths = [_save(fig, out_dir, f"{prefix}_nll")]
     from quality import markdown_report
 
-    return paths, markdown_report([r for r in rows if r["kind"] in ("text", "mc")],
-                                  [r for r in rows if r["kind"] == "expert"])
+    return paths, markdown_report([r for r in rows if r["kind"] in ("text", "mc", "weighted")],
+                                  [r for r in rows if r["kind"] == "expert"], meta)
 
 
 def main(argv: list[str] | None = None) -> int:

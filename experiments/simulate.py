@@ -135,23 +135,25 @@ def modelled_ms(record, services: dict) -> list[float]:
 
 
 async def generation_matrix(stub, args, services: dict, n: int, bar) -> list[dict]:
-    """One generation per (policy, K, extra); speed, router cost and stragglers per point."""
+    """--gen-repeats rounds of one generation per (policy, K, extra); speed, router cost and stragglers per point."""
     rows = []
-    for policy in parse_list(args.policies, str):
-        for k in parse_list(args.k, int):
-            for extra in parse_list(args.extra, int):
-                for service in services.values():
-                    service.step_log.clear()
-                record = await stream_generate(stub, PROMPT, k=k, extra=extra, policy=policy, top_k=args.top_k,
-                                               max_tokens=args.tokens, temperature=0.7, seed=args.seed)
-                summary = summarise(record, k=k, extra=extra, n_experts=n, top_k=args.top_k)
-                ref = modelled_ms(record, services)
-                gaps = np.diff([t.at_s for t in record.tokens]) * 1000
-                over = [g - r for g, r in zip(gaps, ref)] if len(ref) == len(gaps) else []
-                rows.append({"kind": "gen", "policy": policy, "k": k, "extra": extra, "experts": n,
-                             "modelled_p50_ms": pct(ref, 50), "overhead_p50_ms": pct(over, 50),
-                             "overhead_p90_ms": pct(over, 90), **summary})
-                bar.update()
+    grid = [(rep, policy, k, extra) for rep in range(args.gen_repeats) for policy in parse_list(args.policies, str)
+            for k in parse_list(args.k, int) for extra in parse_list(args.extra, int)]
+    for rep, policy, k, extra in grid:  # whole rounds, so drift in machine load hits every point alike
+        for service in services.values():
+            service.step_log.clear()
+        load_1m = os.getloadavg()[0]
+        record = await stream_generate(stub, PROMPT, k=k, extra=extra, policy=policy, top_k=args.top_k,
+                                       max_tokens=args.tokens, temperature=0.7, seed=args.seed + rep)
+        summary = summarise(record, k=k, extra=extra, n_experts=n, top_k=args.top_k)
+        ref = modelled_ms(record, services)
+        gaps = np.diff([t.at_s for t in record.tokens]) * 1000
+        over = [g - r for g, r in zip(gaps, ref)] if len(ref) == len(gaps) else []
+        rows.append({"kind": "gen", "policy": policy, "k": k, "extra": extra, "experts": n, "repeat": rep,
+                     "load_average_1m": round(load_1m, 2),
+                     "modelled_p50_ms": pct(ref, 50), "overhead_p50_ms": pct(over, 50),
+                     "overhead_p90_ms": pct(over, 90), **summary})
+        bar.update()
     return rows
 
 
@@ -240,7 +242,8 @@ async def run(args) -> list[dict]:
             async with channel(router.address) as ch:
                 stub = router_pb2_grpc.RouterStub(ch)
                 await stream_generate(stub, PROMPT, k=1, max_tokens=2)  # warm-up: tokenizer fetch
-                points = len(parse_list(args.policies, str)) * len(parse_list(args.k, int)) * len(parse_list(args.extra, int))
+                points = (args.gen_repeats * len(parse_list(args.policies, str)) * len(parse_list(args.k, int))
+                          * len(parse_list(args.extra, int)))
                 bar = tqdm(total=points, desc="generations", disable=args.no_progress, file=sys.stderr)
                 rows += await generation_matrix(stub, args, by_id, args.experts, bar)
                 bar.close()
@@ -277,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degrade-tokens", type=int, default=200)
     p.add_argument("--settle-s", type=float, default=8.0, help="wait after the run for the registry to mark victims gone")
     p.add_argument("--repeats", type=int, default=200, help="repeats of each registry/selection timing")
+    p.add_argument("--gen-repeats", type=int, default=3, help="generations per (policy, K, s) point")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results/simulate.jsonl"))
     p.add_argument("--no-progress", action="store_true")

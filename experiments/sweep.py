@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", default="64", help="comma list of top-k entries asked of each expert")
     p.add_argument("--extra", default="0", help="comma list of stragglers over-selected (K+extra asked, first K used)")
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per point")
-    p.add_argument("--repeats", type=int, default=1, help="rounds over the whole grid (one generation per point each)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds over the whole grid (one generation per point each); reports give median and min-max")
     p.add_argument("--mix", default="linear", help="linear or geometric")
     p.add_argument("--policy", default="random", help="comma list of selection policies")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -107,6 +108,7 @@ async def run_sweep(args, loaded: dict | None = None) -> list[dict]:
                     await mesh.set_links(links)
                     current = links
                     measured = [await mesh.measure_rtt_ms(i) for i in range(args.experts)]
+                load_1m = os.getloadavg()[0]  # what else ran while this point was measured
                 record = await mesh.generate(args.prompt, k=k, extra=extra, top_k=top_k, max_tokens=args.tokens,
                                              chat=True, mix=args.mix, policy=policy,
                                              temperature=args.temperature, seed=args.seed + rep)
@@ -114,7 +116,7 @@ async def run_sweep(args, loaded: dict | None = None) -> list[dict]:
                        "top_k": top_k, "mix": args.mix, "policy": policy,
                        "rtt_ms": mean([s.rtt_ms for s in links]), "rtt_per_expert_ms": [s.rtt_ms for s in links],
                        "jitter_ms": links[0].jitter_ms, "loss": links[0].loss, "probe_rtt_ms": mean(measured),
-                       "repeat": rep, "model": args.model,
+                       "repeat": rep, "model": args.model, "load_average_1m": round(load_1m, 2),
                        **summarise(record, k=k, extra=extra, n_experts=args.experts, top_k=top_k)}
                 rows.append(row)
                 bar.set_postfix(k=k, rtt=row["rtt_ms"], tps=f"{row['tokens_per_s']:.1f}")

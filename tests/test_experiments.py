@@ -44,15 +44,19 @@ def test_quality_mixtures_agree_with_single_experts_and_the_dense_reference(tiny
     quality = script("quality")
     tok = tiny_experts[0].loaded.tokenizer
     vocab = tiny_experts[0].loaded.vocab_size
-    ids = list(tok(CORPUS, add_special_tokens=False).input_ids)[:48]
+    all_ids = list(tok(CORPUS, add_special_tokens=False).input_ids)
+    ids, other = all_ids[:48], all_ids[48:96]
     questions = [MCQuestion(qid="q1", context="The capital of France is", choices=(" Paris.", " Rome."), gold=0),
                  MCQuestion(qid="q2", context="Rivers flow to the", choices=(" sea.", " dog.", " fox."), gold=0)]
-    rows, per_expert = quality.evaluate(tiny_experts, text_ids=ids, questions=questions, ks=[1, 2, 3],
-                                        rules=["linear", "geometric"], top_ks=[8, vocab], progress=False)
-    text = {(r["experts"], r["rule"], r["top_k"]): r["nll"] for r in rows if r["kind"] == "text"}
+    rows, per_expert = quality.evaluate(tiny_experts, texts={"t": ids, "u": other}, questions=questions, ks=[1, 2, 3],
+                                        rules=["linear", "geometric"], top_ks=[8, vocab], progress=False,
+                                        choose_weights_on="t")
+    text = {(r["experts"], r["rule"], r["top_k"]): r["nll"] for r in rows if r["kind"] == "text" and r["text"] == "t"}
     assert all(math.isfinite(v) and v > 0 for v in text.values())
-    assert all(0 <= r["acc"] <= 1 and r["questions"] == 2 for r in rows if r["kind"] == "mc")
-    assert len([r for r in rows if r["kind"] == "text"]) == 3 * 3 + (3 + 1) * 2 * 3  # singles + pairs/triple x rules
+    for r in (r for r in rows if r["kind"] == "mc"):
+        assert 0 <= r["acc"] <= 1 and r["questions"] == 2
+        assert r["acc_se"] == pytest.approx(math.sqrt(r["acc"] * (1 - r["acc"]) / 2))
+    assert len([r for r in rows if r["kind"] == "text"]) == 2 * (3 * 3 + (3 + 1) * 2 * 3)  # 2 texts x configs
     # K=1 through aggregation.mix equals the expert's own sparse reply scored directly
     seq = score_sequence(tiny_experts[0].loaded, ids, vocab)
     direct = -np.mean([logprob_of(sparse_reply(seq, p, 8), int(t), vocab) for p, t in enumerate(seq.targets)])
@@ -69,18 +73,52 @@ def test_quality_mixtures_agree_with_single_experts_and_the_dense_reference(tiny
     np.testing.assert_allclose(same, alone, atol=1e-9)
     assert per_expert[0]["top1_agree_with_first"] == 1.0 and per_expert[0]["kl_from_first"] == pytest.approx(0, abs=1e-9)
     assert 0 <= per_expert[2]["top1_agree_with_first"] < 1 and per_expert[2]["kl_from_first"] > 0
-    assert "full vocab" in quality.markdown_report(rows, per_expert)
+    report = quality.markdown_report(rows, per_expert)
+    assert "full vocab" in report and "NLL (nats/token) on u" in report and " ± " in report
+
+
+def test_weighted_pairs_are_chosen_on_one_text_and_scored_on_another(tiny_experts):
+    from mesh_llm.models.tiny import CORPUS
+
+    from meshlab.scoring import dense_target_logprobs, score_sequence
+    from meshlab.weighting import weight_grid, weighted_linear_nll, weighted_rows
+
+    ids = list(tiny_experts[0].loaded.tokenizer(CORPUS, add_special_tokens=False).input_ids)
+    texts = {"pick": ids[:40], "judge": ids[40:80]}
+    seqs = {t: [score_sequence(e.loaded, i, 4) for e in tiny_experts] for t, i in texts.items()}
+    targets = {t: [s.dense[np.arange(len(s.targets)), s.targets] for s in ss] for t, ss in seqs.items()}
+    # the shortcut equals the router's full-vocabulary linear mix with the same weights
+    for w in [(0.9, 0.1), (0.3, 0.7)]:
+        reference = dense_target_logprobs(seqs["judge"][:2], rule="linear", weights=w)
+        assert weighted_linear_nll(targets["judge"][:2], w) == pytest.approx(-np.mean(reference), abs=1e-5)
+    rows = weighted_rows([e.label for e in tiny_experts], targets, choose_on="pick")
+    assert len(rows) == 3 * 2 and {r["text"] for r in rows} == {"pick", "judge"}
+    singles = {t: [float(-np.mean(lp.astype(np.float64))) for lp in lps] for t, lps in targets.items()}
+    for r in rows:
+        assert sum(r["weights"]) == pytest.approx(1) and tuple(r["weights"]) in weight_grid()
+        assert r["best_single"] == tiny_experts[int(np.argmin(singles["pick"]))].label
+        if r["in_sample"]:  # the grid holds 0.5/0.5 and both single experts, so the chosen weights beat them here
+            labels = [e.label for e in tiny_experts]
+            pair = [labels.index(x) for x in r["experts"].split("+")]
+            assert r["nll"] <= r["uniform_nll"] + 1e-12
+            assert r["nll"] <= min(singles["pick"][i] for i in pair) + 1e-12
+            assert r["weights"] == r["best_weights_here"]
+    with pytest.raises(ValueError, match="not among the texts"):
+        weighted_rows(["a"], targets, choose_on="missing")
 
 
 def test_sweep_measures_speed_bandwidth_and_the_emulated_rtt(tiny_model_dir, tmp_path):
     out = tmp_path / "sweep.jsonl"
     assert script("sweep").main(["--model", str(tiny_model_dir), "--launch", "inproc", "--network", "proxy",
                                  "--experts", "2", "--k", "1,2", "--rtt-ms", "0,30", "--top-k", "16",
-                                 "--tokens", "5", "--no-progress", "--out", str(out)]) == 0
+                                 "--tokens", "5", "--repeats", "2", "--no-progress", "--out", str(out)]) == 0
     rows = rows_of(out)
-    meta, points = rows[0], rows[1:]
+    meta, all_points = rows[0], rows[1:]
     assert meta["kind"] == "meta" and meta["backend"] == "proxy" and meta["machine"]["cores"] >= 1
-    assert [(p["rtt_ms"], p["k"]) for p in points] == [(0, 1), (0, 2), (30, 1), (30, 2)]
+    assert [(p["repeat"], p["rtt_ms"], p["k"]) for p in all_points] == [
+        (rep, rtt, k) for rep in (0, 1) for rtt in (0, 30) for k in (1, 2)]
+    assert all(p["load_average_1m"] >= 0 for p in all_points)
+    points = [p for p in all_points if p["repeat"] == 0]
     for p in points:
         assert p["tokens"] >= 2 and p["tokens_per_s"] > 0 and p["ttft_ms"] > 0
         assert p["latency_p99_ms"] >= p["latency_p50_ms"] > 0
@@ -96,7 +134,28 @@ def test_sweep_measures_speed_bandwidth_and_the_emulated_rtt(tiny_model_dir, tmp
     assert plot.main([str(out), "--out-dir", str(tmp_path / "charts"), "--prefix", "s"]) == 0
     pngs = sorted(p.name for p in (tmp_path / "charts").glob("*.png"))
     assert pngs == ["s_latency.png", "s_tokens_per_s.png", "s_ttft.png"]
-    assert "| K |" in (tmp_path / "charts" / "s.md").read_text()
+    md = (tmp_path / "charts" / "s.md").read_text()
+    assert "| K |" in md and meta["machine"]["git_commit"] in md and "By k, everything else fixed" in md
+    k1 = [p["tokens_per_s"] for p in all_points if p["k"] == 1 and p["rtt_ms"] == 30]
+    assert f"{np.median(k1):.2f} ({min(k1):.2f}–{max(k1):.2f})" in md
+
+
+def test_comparisons_say_within_noise_only_where_the_spreads_overlap():
+    plot = script("plot")
+
+    def runs(policy, values):
+        return [{"k": 2, "rtt_ms": 50, "jitter_ms": 0, "loss": 0, "top_k": 64, "extra": 0, "policy": policy,
+                 "mix": "linear", "tokens_per_s": v, "latency_p50_ms": 1000 / v, "latency_p99_ms": 2000 / v,
+                 "router_ms_p50": 0.5, "load_average_1m": 2.0} for v in values]
+
+    apart = plot.aggregate(runs("latency", [9.0, 9.5, 10.0]) + runs("random", [5.0, 5.5, 6.0]))
+    [row] = plot.comparisons(apart, "policy")
+    assert row["first"] == "policy=latency" and row["verdict"] == "first faster"
+    assert row["first_tps"] == "9.50 (9.00–10.00)" and row["ratio"] == pytest.approx(5.5 / 9.5)
+    overlapping = plot.aggregate(runs("latency", [5.0, 7.0, 9.0]) + runs("random", [6.0, 6.5, 8.0]))
+    assert plot.comparisons(overlapping, "policy")[0]["verdict"] == "within noise"
+    single = plot.aggregate(runs("latency", [9.0]) + runs("random", [5.0]))
+    assert plot.comparisons(single, "policy")[0]["verdict"] == "one run each: no spread to judge"
 
 
 def test_simulate_degrades_below_k_and_stops_with_none_left(tiny_model_dir, tmp_path):
@@ -104,13 +163,14 @@ def test_simulate_degrades_below_k_and_stops_with_none_left(tiny_model_dir, tmp_
     assert script("simulate").main(["--model", str(tiny_model_dir), "--variants", "fp32", "--experts", "12",
                                     "--k", "1,2", "--policies", "random,latency", "--extra", "0", "--tokens", "6",
                                     "--compute-ms", "3", "--rtt-ms", "1,4", "--waves", "1,0", "--wave-every", "4",
-                                    "--degrade-k", "2", "--degrade-tokens", "40", "--repeats", "5", "--settle-s", "0",
+                                    "--degrade-k", "2", "--degrade-tokens", "40", "--repeats", "5", "--settle-s", "0", "--gen-repeats", "2",
                                     "--positions", "64", "--no-progress", "--out", str(out)]) == 0
     rows = rows_of(out)
     meta = rows[0]
     assert meta["experts"] == 12 and meta["registration_s"] > 0
     gen = [r for r in rows if r["kind"] == "gen"]
-    assert {(r["policy"], r["k"]) for r in gen} == {("random", 1), ("random", 2), ("latency", 1), ("latency", 2)}
+    assert sorted((r["repeat"], r["policy"], r["k"]) for r in gen) == sorted(
+        (rep, policy, k) for rep in (0, 1) for policy in ("random", "latency") for k in (1, 2))
     for r in gen:
         assert r["tokens_per_s"] > 0 and r["used_per_token"] == r["k"] and r["modelled_p50_ms"] >= 1
         assert r["latency_p50_ms"] >= r["modelled_p50_ms"] * 0.9
@@ -125,6 +185,10 @@ def test_simulate_degrades_below_k_and_stops_with_none_left(tiny_model_dir, tmp_
     plot = script("plot")
     assert plot.main([str(out), "--out-dir", str(tmp_path), "--prefix", "sim"]) == 0
     assert (tmp_path / "sim_degradation.png").stat().st_size > 1000
+    md = (tmp_path / "sim.md").read_text()
+    point_lines = [line for line in md.splitlines() if line.startswith(("| random |", "| latency |"))]
+    assert meta["machine"]["git_commit"] in md and len(point_lines) == 4
+    assert all(line.endswith("| 2 |") for line in point_lines)  # every point is the median of its 2 runs
 
 
 def test_bench_router_reports_every_figure(tiny_model_dir, tmp_path):
@@ -142,3 +206,35 @@ def test_bench_router_reports_every_figure(tiny_model_dir, tmp_path):
     assert [lat["k"] for lat in result["latency"]] == [2, 4]
     for lat in result["latency"]:
         assert lat["latency_p50_ms"] > 0 and lat["slowest_step_p50_ms"] > 0 and lat["tokens"] >= 1
+
+
+def test_heldout_text_is_dated_after_the_cutoff_disjoint_from_training_and_rebuilt_from_its_manifest(tmp_path):
+    heldout = script("heldout_corpus")
+    changelog = ("pkg (2) bookworm; urgency=medium\n\n  * Fix CVE-2025-1234.\n\n"
+                 " -- A Maintainer <a@example.org>  Mon, 07 Apr 2025 13:26:17 +0200\n\n"
+                 "pkg (1) bookworm; urgency=medium\n\n  * Older fix.\n\n"
+                 " -- A Maintainer <a@example.org>  Tue, 01 Oct 2024 10:00:00 +0000\n")
+    entries = list(heldout.changelog_entries(changelog, "x"))
+    assert [e.dated for e in entries] == ["2025-04-07"] and "CVE-2025-1234" in entries[0].text
+    notes = "# Notes\n\n## 2.0.0 (2025-02-01)\n\n* New flag.\n\n## 1.0.0 (2024-12-30)\n\n* Old flag.\n"
+    sections = list(heldout.release_sections(notes, "x"))
+    assert [s.dated for s in sections] == ["2025-02-01"] and "Old flag" not in sections[0].text
+    body = "def f(x):\n    return x + 1\n" * 20
+    new = list(heldout.dated_module("# Copyright 2025 Google LLC. All Rights Reserved.\n# licence\n" + body, "m.py"))
+    assert [m.dated for m in new] == ["2025"] and "Copyright" not in new[0].text and new[0].text.startswith("def f")
+    assert not list(heldout.dated_module("# Copyright 2024 Google LLC.\n" + body, "m.py"))
+
+    manifest = json.loads(heldout.MANIFEST.read_text())
+    paths = [f["path"] for g in manifest["genres"].values() for f in g["files"]]
+    if not all(Path(p).exists() for p in paths):
+        pytest.skip("this machine lacks the files the held-out manifest names")
+    texts = heldout.load_texts()
+    assert set(texts) == set(heldout.GENRES) and all(len(t) >= 20_000 for t in texts.values())
+    assert all(g["first_date"] >= "2025" for g in manifest["genres"].values())
+    man_page = next(p for p in sorted(Path("/usr/share/man/man1").glob("*.gz")) if "gcloud" not in p.name)
+    assert heldout.training_overlap([*paths, str(man_page)]) == [str(man_page)]  # the check can fail, and only there
+    manifest["genres"]["code"]["text_sha256"] = "0" * 64
+    tampered = tmp_path / "manifest.json"
+    tampered.write_text(json.dumps(manifest))
+    with pytest.raises(heldout.HeldoutError, match="--build"):
+        heldout.load_texts(tampered)

@@ -128,3 +128,10 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_header(meta: dict) -> str:
+    """The commit, command and load averages of the run behind a generated table (a paragraph)."""
+    machine = meta.get("machine", {})
+    return (f"Generated from commit `{machine.get('git_commit', '?')}` by `{meta.get('command', '?')}`; load average "
+            f"{machine.get('load_average', '?')} at the start, {meta.get('load_average_end', '?')} at the end.\n\n")
