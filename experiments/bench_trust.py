@@ -2,7 +2,8 @@
 
     .venv/bin/python experiments/bench_trust.py calibrate [--real] [--positions 256]
     .venv/bin/python experiments/bench_trust.py liar [--lie shuffle|onehot|other] [--real] [--tokens 48]
-    .venv/bin/python experiments/bench_trust.py honest [--checks 1000] [--real]
+    .venv/bin/python experiments/bench_trust.py honest [--checks 1000] [--real] [--live]
+    .venv/bin/python experiments/bench_trust.py robust [--real]
 
 calibrate: top-64 replies of one model loaded as float32, bfloat16 and NF4, teacher-forced over the
   Apache-2.0 license; prints the symmetric KL and the top-1 gap (router.trust.compare) of every pair
@@ -13,6 +14,8 @@ liar: a router and four experts of one model over gRPC in this process, one of t
   every round until the liar is quarantined. Prints N (spot checks until then, and how many of them
   judged the liar) and the cost: extra Step calls per token and ms per token against the same mesh
   with spot checks off, measured in the same run.
+robust: nats per token (teacher-forced NLL, Apache-2.0 license) of float32 and bfloat16 replies mixed
+  with a lie (shuffled, one-hot) by the `linear` and the `robust` rule, against the honest pair alone.
 honest: spot checks between honest variants (float32 / bfloat16, NF4 with --nf4) through the same
   comparison, on every position of real text, `--checks` of them; prints failed verdicts and the
   lowest trust any expert reached.
@@ -138,6 +141,35 @@ def calibrate(model: str, other: str | None, positions: int, nf4: bool) -> dict:
     for name, lied in lies.items():
         for honest in names:
             out[f"{honest} vs {name}"] = _summary([compare(replies[honest][j], lied[j], vocab) for j in range(n)])
+    return out
+
+
+# robust mixing ----------------------------------------------------------------------------------------
+
+def robust_gain(model: str, positions: int) -> dict:
+    """Teacher-forced NLL of float32 + bfloat16 + one lie mixed by `linear` and by `robust`, and of the honest pair."""
+    from meshlab.data import apache_license_text
+
+    from mesh_llm.router.aggregation import mix
+
+    variants = _variants(model, False)
+    f32 = variants["float32"]
+    honest = [_replies(variants[d], positions) for d in ("float32", "bfloat16")]
+    n = len(honest[0]) - 1  # the last reply's next token lies past the recorded text
+    text, _ = apache_license_text()
+    targets = list(f32.tokenizer(text, add_special_tokens=False).input_ids)[65:65 + n]
+    vocab, rng = f32.vocab_size, np.random.default_rng(0)
+    lies = {"shuffle": [shuffled(d, rng) for d in honest[0]], "onehot": [onehot(d) for d in honest[0]]}
+
+    def nll(rows: list[list[SparseDist]], rule: str) -> float:
+        return round(-float(np.mean([mix([r[j] for r in rows], vocab_size=vocab, rule=rule).logprob_of(t, vocab)
+                                     for j, t in enumerate(targets)])), 4)
+
+    out = {"positions": n, "honest_pair_linear": nll(honest, "linear")}
+    for name, lied in lies.items():
+        out[f"with_{name}_linear"] = nll([*honest, lied], "linear")
+        out[f"with_{name}_robust"] = nll([*honest, lied], "robust")
+    out["honest_three_robust"] = nll([*honest, honest[0]], "robust")  # no liar: what dropping one costs
     return out
 
 
@@ -340,7 +372,7 @@ def _real_checkpoint() -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run one part of the benchmark and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("calibrate", "liar", "honest"))
+    parser.add_argument("part", choices=("calibrate", "liar", "honest", "robust"))
     parser.add_argument("--real", action="store_true", help="smollm2-135m instead of tiny random models")
     parser.add_argument("--nf4", action="store_true", help="include an NF4 variant (bitsandbytes on the CPU)")
     parser.add_argument("--positions", type=int, default=256)
@@ -356,7 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
         tiny, tiny_other = _tiny_models(workdir)
         model, other = (_real_checkpoint(), None) if args.real else (tiny, tiny_other)
         os.environ["MESH_HOME"] = str(workdir / "home")  # keys and the audit key of this run stay in it
-        if args.part == "calibrate":
+        if args.part == "robust":
+            figures = robust_gain(model, args.positions)
+        elif args.part == "calibrate":
             figures = calibrate(model, other, args.positions, args.nf4)
         elif args.part == "honest" and args.live:
             figures = asyncio.run(honest_live(model, args.checks, args.tokens, workdir))

@@ -76,7 +76,7 @@ class Comparison:
 
 
 def compare(a: SparseDist, b: SparseDist, vocab_size: int) -> Comparison:
-    """Symmetric KL and top-1 gap (how far below one reply's best the other's top token lies) of two replies."""
+    """Symmetric KL, top-1 gap (how far below one reply's best the other's top token lies) and correlation."""
     kl = float(divergences([a, b], vocab_size)[0, 1])
     return Comparison(kl=kl, top1_gap=max(_top1_gap(a, b, vocab_size), _top1_gap(b, a, vocab_size)),
                       correlation=_correlation(a, b))
@@ -129,7 +129,7 @@ class TrustRow:
 
 
 class TrustBook:
-    """Trust per expert, cached in memory and written through to the expert_trust table."""
+    """Trust per expert, kept in memory and written to the expert_trust table by flush (spot_check calls it when due)."""
 
     def __init__(self, engine: Engine, config: TrustConfig | None = None, *, registry: Registry | None = None,
                  clock: Callable[[], float] = time.time) -> None:
