@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -198,33 +201,6 @@ def test_mesh_store_sets_the_default(monkeypatch, tmp_path):
     assert default_db_url().startswith("sqlite:///") and default_db_url().endswith("mesh.db")
 
 
-async def test_a_halt_signed_at_one_router_stops_streams_at_another_on_the_same_store(store_url, tmp_path,
-                                                                                       tiny_loaded):
-    from mesh_llm.grpc_util import channel
-    from mesh_llm.pb import governance_pb2_grpc
-    from mesh_llm.router.server import RouterConfig, start_router
-    from tests.mesh_helpers import local_mesh
-    from tests.test_router_governance import _gov_dir, _halt, _stream
-
-    gov_dir = _gov_dir(tmp_path, phase=1)
-    config = RouterConfig(port=0, db_url=store_url, secret="s3cret", governance_dir=gov_dir, governance_poll_s=0.05)
-    async with local_mesh([tiny_loaded] * 2, tmp_path, config, delay_ms=20) as mesh:
-        other = await start_router(config)
-        try:
-            started = [asyncio.Event() for _ in range(2)]
-            streams = [asyncio.create_task(_stream(mesh.stub, s, k=2, max_tokens=200)) for s in started]
-            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 20)
-            async with channel(other.address) as ch:
-                sent = time.perf_counter()
-                await governance_pb2_grpc.GovernanceStub(ch).HaltMesh(_halt("carol", "halt from router B"))
-            results = await asyncio.wait_for(asyncio.gather(*streams), 5)
-            assert [done.finish_reason for _, done, _ in results] == ["halted"] * 2
-            assert max(end for _, _, end in results) - sent < 1.0
-            assert mesh.router.governance.switch.reason == "halt from router B"
-        finally:
-            await other.stop(0)
-
-
 async def _eventually(predicate, timeout: float = 3.0) -> float:
     began = time.perf_counter()
     while not predicate():
@@ -255,3 +231,59 @@ async def test_an_action_applied_through_one_router_changes_the_settings_of_anot
         await first.stop(0)
         await second.stop(0)
     assert took < 1.0
+
+
+async def test_two_router_processes_on_one_store_share_halts_and_settings(store_url, tmp_path, mesh_home,
+                                                                          tiny_loaded):
+    from mesh_llm.expert.server import ExpertConfig, resolve_join, start_expert
+    from mesh_llm.grpc_util import channel
+    from mesh_llm.models.loading import LoadOptions
+    from mesh_llm.pb import governance_pb2_grpc, router_pb2, router_pb2_grpc
+    from tests.test_resume import _free_port, _online
+    from tests.test_router_governance import _approve, _gov_dir, _halt, _stream
+
+    gov_dir = _gov_dir(tmp_path, phase=2)
+    routers, addresses, invites = [], [], []
+    expert = None
+    try:
+        for _ in range(2):
+            port = _free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "mesh_llm.cli.main", "router", "serve", "--port", str(port),
+                                     "--db", store_url, "--governance", str(gov_dir)],
+                                    env=dict(os.environ, MESH_HOME=str(mesh_home)), stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+            routers.append(proc)
+            addresses.append(f"127.0.0.1:{port}")
+            line = ""
+            while not line.startswith("invite token: "):
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+                assert line, "a router exited before printing its invite token"
+            invites.append(line.split()[-1])
+        joined, secret = resolve_join(None, invites[0])
+        expert = await start_expert(ExpertConfig(load=LoadOptions(model=tiny_loaded.model_id), port=0,
+                                                 measure_speed=False, router=joined, secret=secret, delay_ms=20),
+                                    tiny_loaded)
+        await _online(addresses[0], 1)
+        async with channel(addresses[0]) as a, channel(addresses[1]) as b:
+            gov_a, gov_b = governance_pb2_grpc.GovernanceStub(a), governance_pb2_grpc.GovernanceStub(b)
+            status_b = router_pb2_grpc.RouterStub(b).GetRouterStatus
+            k = (await status_b(router_pb2.RouterStatusRequest())).default_k
+            assert (await _approve(gov_a, "set_default_k", "router", {"k": k + 1})).status == "applied"
+            for _ in range(50):  # within a second
+                if (await status_b(router_pb2.RouterStatusRequest())).default_k == k + 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await status_b(router_pb2.RouterStatusRequest())).default_k == k + 1
+            started = asyncio.Event()
+            stream = asyncio.create_task(_stream(router_pb2_grpc.RouterStub(a), started, k=1, max_tokens=200))
+            await asyncio.wait_for(started.wait(), 20)
+            sent = time.perf_counter()
+            await gov_b.HaltMesh(_halt("carol", "halt at router B"))
+            tokens, done, end = await asyncio.wait_for(stream, 5)
+        assert done.finish_reason == "halted" and 0 < tokens < 200 and end - sent < 1.0
+    finally:
+        for proc in routers:
+            proc.kill()
+            proc.wait(10)
+        if expert is not None:
+            await expert.stop(0)
