@@ -1,10 +1,13 @@
 """Load test: many concurrent generations through the HTTP API against expert processes; errors and expert RSS.
 
     python experiments/load_http.py [--model smollm2-135m] [--experts 3] [--requests 32] [--max-tokens 16]
-                                    [--rounds 3] [--threads 1] [--max-batch 8] [--k 2] [--extra 1] [--deadline-s 10] [--silence-s 5]
+                                    [--rounds 3] [--threads 1] [--max-batch 8] [--k 2] [--extra 1]
+                                    [--deadline-s 10] [--silence-s 5]
 
 The router and its HTTP API run in this process, each expert in a process of its own (joined with the invite
 token). The first round warms up; the expert RSS after it is the baseline the later rounds are measured against.
+On a machine busy with other work, raise --deadline-s and --silence-s: a starved expert otherwise answers
+late, misses heartbeats and is left out, and the generations it served fail.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from mesh_llm.expert.sessions import SessionLimits
 from mesh_llm.pb import expert_pb2
 from tests.api_helpers import api_mesh
 from tests.expert_helpers import decode_reply, reference_logprobs, running_expert
+from tests.test_expert_service import assert_matches
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -26,13 +27,10 @@ PROMPTS = {"a": [5, 17, 42], "b": [9, 8, 7, 6, 5, 4, 3, 2], "c": [100, 101, 102,
                                                               111, 112], "d": [33]}
 
 
-def assert_close(dist, ref_row, k: int) -> None:
-    """A top-k result equals the top-k of a reference log_softmax row within float tolerance."""
-    order = np.argsort(-ref_row, kind="stable")[:k]
-    assert set(dist.ids.tolist()) == set(order.tolist())
-    np.testing.assert_allclose(dist.logprobs, ref_row[dist.ids], atol=1e-4)
-    rest = np.logaddexp.reduce(np.delete(ref_row, dist.ids))
-    assert abs(dist.rest_logmass - rest) < 1e-4
+def batches_and_steps(service) -> tuple[float, float]:
+    """Batches an expert service ran and the Step calls in them, from its batch-size histogram."""
+    samples = service.metrics.batch_size.collect()[0].samples
+    return tuple(next(s.value for s in samples if s.name.endswith(end)) for end in ("_count", "_sum"))
 
 
 @contextlib.contextmanager
@@ -59,12 +57,12 @@ def test_sessions_of_different_lengths_share_one_pass_and_match_unbatched(tiny_l
     for call, result in zip(calls, results):
         full = PROMPTS[call.session_id] + call.tokens
         assert result.session_length == len(full)
-        assert_close(result.distributions[0], reference_logprobs(tiny_loaded, full)[-1], 16)
+        assert_matches(result.distributions[0], reference_logprobs(tiny_loaded, full)[-1], 16)
     # the sessions' caches came back correctly: a later batched step still matches
     calls = [StepCall(session_id=sid, start=len(PROMPTS[sid]) + 1, tokens=[20], top_k=16) for sid in PROMPTS]
     for call, result in zip(calls, engine.step_batch(calls)):
         full = PROMPTS[call.session_id] + nxt[call.session_id] + [20]
-        assert_close(result.distributions[0], reference_logprobs(tiny_loaded, full)[-1], 16)
+        assert_matches(result.distributions[0], reference_logprobs(tiny_loaded, full)[-1], 16)
 
 
 def test_verify_steps_with_rollback_and_scores_batch_together(tiny_loaded):
@@ -85,7 +83,7 @@ def test_verify_steps_with_rollback_and_scores_batch_together(tiny_loaded):
         assert result.session_length == len(full)
         assert len(result.distributions) == 3
         for j, dist in enumerate(result.distributions):
-            assert_close(dist, ref[call.start + j], 12)
+            assert_matches(dist, ref[call.start + j], 12)
         expected = [ref[call.start + j, sid] for j, sid in enumerate(call.score_ids)]
         np.testing.assert_allclose(result.scores, expected, atol=1e-4)
 
@@ -103,7 +101,7 @@ def test_steps_of_different_sizes_run_as_separate_passes_and_errors_stay_per_cal
     assert results[2].code == "NOT_FOUND" and "start_position 0" in str(results[2])
     for i in (0, 1, 3):
         full = (PROMPTS["a"] + [50]) if i == 0 else calls[i].tokens
-        assert_close(results[i].distributions[0], reference_logprobs(tiny_loaded, full)[-1], 8)
+        assert_matches(results[i].distributions[0], reference_logprobs(tiny_loaded, full)[-1], 8)
 
 
 async def test_concurrent_grpc_sessions_are_batched_and_match_reference(tiny_loaded):
@@ -114,18 +112,16 @@ async def test_concurrent_grpc_sessions_are_batched_and_match_reference(tiny_loa
             reply = await stub.Step(expert_pb2.StepRequest(session_id=sid, tokens=tokens, top_k=8))
             for _ in range(4):
                 dist = decode_reply(reply, vocab)[0]
-                assert_close(dist, reference_logprobs(tiny_loaded, tokens)[-1], 8)
+                assert_matches(dist, reference_logprobs(tiny_loaded, tokens)[-1], 8)
                 tokens.append(int(dist.ids[np.argmax(dist.logprobs)]))
                 reply = await stub.Step(expert_pb2.StepRequest(session_id=sid, start_position=len(tokens) - 1,
                                                                tokens=tokens[-1:], top_k=8))
             return tokens
 
         await asyncio.gather(*(session(sid) for sid in PROMPTS))
-        batches = running.service.metrics.batch_size.collect()[0].samples
-    count = next(s.value for s in batches if s.name.endswith("_count"))
-    total = next(s.value for s in batches if s.name.endswith("_sum"))
-    assert total == 4 * 5  # every step ran once
-    assert count < total, "no two steps shared a forward pass"
+        batches, steps = batches_and_steps(running.service)
+    assert steps == 4 * 5  # every step ran once
+    assert batches < steps, "no two steps shared a forward pass"
 
 
 async def test_max_batch_one_runs_every_step_alone(tiny_loaded):
@@ -145,7 +141,7 @@ async def test_a_session_never_appears_twice_in_one_batch(tiny_loaded):
             gatherer.submit(StepCall(session_id="s", start=8, tokens=[60], top_k=8)))
         gatherer.close()
     assert (first.session_length, second.session_length) == (8, 9)
-    assert_close(second.distributions[0], reference_logprobs(tiny_loaded, PROMPTS["b"] + [60])[-1], 8)
+    assert_matches(second.distributions[0], reference_logprobs(tiny_loaded, PROMPTS["b"] + [60])[-1], 8)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -167,10 +163,8 @@ async def test_32_concurrent_http_generations_on_3_experts_all_complete_batched(
     load_http = importlib.import_module("load_http")
     async with api_mesh([tiny_loaded] * 3, tmp_path, expert_kw={"limits": SessionLimits(max_batch=8)}) as (mesh, api):
         result = await load_http.load_round(api.base_url, requests=32, max_tokens=8)
-        batches = [e.service.metrics.batch_size.collect()[0].samples for e in mesh.experts]
+        counts = [batches_and_steps(e.service) for e in mesh.experts]
     assert result.errors == [] and result.completed == 32
     assert result.completion_tokens > 32
-    counts = [next(s.value for s in b if s.name.endswith("_count")) for b in batches]
-    steps = [next(s.value for s in b if s.name.endswith("_sum")) for b in batches]
-    assert all(n > 0 for n in counts)  # every expert served
-    assert sum(counts) < sum(steps)  # and steps of different generations shared forward passes
+    assert all(batches > 0 for batches, _ in counts)  # every expert served
+    assert sum(b for b, _ in counts) < sum(s for _, s in counts)  # steps of different generations shared passes
