@@ -46,6 +46,8 @@ class CreditLedger:
         self.engine = engine
         self._lock = threading.Lock()
         self._pending: Counter[tuple[str, str]] = Counter()
+        self._writing: Counter[tuple[str, str]] = Counter()  # being written: still shown as pending
+        self._written = 0  # flushes finished; a reader that saw it change re-reads
         with engine.connect() as conn:
             self._donors = {r.expert_id: r.donor for r in conn.execute(select(donors))}
 
@@ -67,6 +69,7 @@ class CreditLedger:
         """Write the credits held in memory in one transaction; return the tokens written."""
         with self._lock:
             pending, self._pending = self._pending, Counter()
+            self._writing.update(pending)
         if not pending:
             return 0
         now = time.time()
@@ -79,24 +82,40 @@ class CreditLedger:
             with self._lock:
                 self._pending.update(pending)  # kept for the next flush
             raise
+        finally:
+            with self._lock:
+                self._writing.subtract(pending)
+                self._writing = +self._writing
+                self._written += 1
         return sum(pending.values())
 
     def rows(self) -> list[LedgerRow]:
         """Every ledger row, written and pending, most credits first."""
-        return read_ledger(self.engine, pending=self._snapshot())
+        return self._consistent(lambda pending: read_ledger(self.engine, pending=pending))
 
     def balance(self, donor: str) -> int:
         """Credits of one donor over all its experts (written and pending); 0 for no donor."""
         if not donor:
             return 0
-        with self.engine.connect() as conn:
-            written = conn.execute(select(func.coalesce(func.sum(ledger.c.tokens), 0))
-                                   .where(ledger.c.donor == donor)).scalar_one()
-        return int(written) + sum(n for (_, d), n in self._snapshot().items() if d == donor)
 
-    def _snapshot(self) -> Counter[tuple[str, str]]:
-        with self._lock:
-            return Counter(self._pending)
+        def read(pending: Counter[tuple[str, str]]) -> int:
+            with self.engine.connect() as conn:
+                written = conn.execute(select(func.coalesce(func.sum(ledger.c.tokens), 0))
+                                       .where(ledger.c.donor == donor)).scalar_one()
+            return int(written) + sum(n for (_, d), n in pending.items() if d == donor)
+
+        return self._consistent(read)
+
+    def _consistent(self, read):
+        # a flush finishing between the snapshot and the read would count its tokens twice: read again
+        for _ in range(5):
+            with self._lock:
+                seen, pending = self._written, self._pending + self._writing
+            value = read(pending)
+            with self._lock:
+                if self._written == seen:
+                    return value
+        return value
 
 
 def read_ledger(engine: Engine, pending: Counter | None = None) -> list[LedgerRow]:

@@ -309,7 +309,7 @@ class Generation:
             metrics.generations.labels(reason or "cancelled").inc()
             metrics.completion_tokens.inc(len(state.completion) - len(replayed))
             metrics.rounds.inc(state.rounds)
-            self._settle(state, reason)
+            self._settle(reason)
             self._close_sessions(state)
         elapsed = time.perf_counter() - began
         yield router_pb2.GenerateEvent(done=router_pb2.GenerationDone(
@@ -363,8 +363,12 @@ class Generation:
         request.draft_max = plan.draft_max
         return request
 
-    def _settle(self, state: _State, reason: str | None) -> None:
-        """At the end: write the credits earned and mark a finished generation's checkpoint as done."""
+    def _settle(self, reason: str | None) -> None:
+        """At the end: write the credits earned and mark a finished checkpoint done, in a thread (the store may wait)."""
+        if self.credits is not None or self.checkpoints is not None:
+            asyncio.get_running_loop().run_in_executor(None, self._record_end, reason)
+
+    def _record_end(self, reason: str | None) -> None:
         try:
             if self.credits is not None:
                 self.credits.flush()
