@@ -88,7 +88,31 @@ def test_verify_steps_with_rollback_and_scores_batch_together(tiny_loaded):
         np.testing.assert_allclose(result.scores, expected, atol=1e-4)
 
 
-def test_steps_of_different_sizes_run_as_separate_passes_and_errors_stay_per_call(tiny_loaded):
+def test_prefills_and_verify_steps_of_different_lengths_share_one_padded_pass(tiny_loaded):
+    engine = StepEngine(tiny_loaded, SessionLimits())
+    engine.step("old", 0, PROMPTS["b"], 8, False)
+    calls = [StepCall(session_id="x", start=0, tokens=[3, 4, 5, 6, 7, 8], top_k=8),
+             StepCall(session_id="y", start=0, tokens=[9, 10, 11, 12, 13, 14, 15], top_k=8, all_positions=True),
+             StepCall(session_id="old", start=6, tokens=[21, 22, 23, 24, 25], top_k=8, score_ids=[30, 31])]
+    with forward_batches(tiny_loaded.model) as sizes:
+        results = engine.step_batch(calls)
+    assert sizes == [3]
+    fulls = [calls[0].tokens, calls[1].tokens, PROMPTS["b"][:6] + calls[2].tokens]
+    for call, result, full in zip(calls, results, fulls):
+        ref = reference_logprobs(tiny_loaded, full)
+        assert result.session_length == len(full)
+        assert_matches(result.distributions[-1], ref[-1], 8)
+    for j, dist in enumerate(results[1].distributions):
+        assert_matches(dist, reference_logprobs(tiny_loaded, fulls[1])[j], 8)
+    ref_old = reference_logprobs(tiny_loaded, fulls[2])
+    np.testing.assert_allclose(results[2].scores, [ref_old[6, 30], ref_old[7, 31]], atol=1e-4)
+    # the padded positions did not enter the caches: the next decode of every session still matches
+    nxt = [StepCall(session_id=c.session_id, start=len(full), tokens=[40], top_k=8) for c, full in zip(calls, fulls)]
+    for result, full in zip(engine.step_batch(nxt), fulls):
+        assert_matches(result.distributions[0], reference_logprobs(tiny_loaded, full + [40])[-1], 8)
+
+
+def test_steps_of_very_different_sizes_run_as_separate_passes_and_errors_stay_per_call(tiny_loaded):
     engine = StepEngine(tiny_loaded, SessionLimits())
     engine.step("a", 0, PROMPTS["a"], 8, False)
     calls = [StepCall(session_id="a", start=3, tokens=[50], top_k=8),

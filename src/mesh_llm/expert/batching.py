@@ -1,8 +1,9 @@
 """Continuous batching: concurrent sessions' steps share one forward pass.
 
 Each session keeps its own KV cache. For a batched step the caches are left-padded to the longest
-and stacked; the attention mask hides the padding and each row gets its own position ids, so every
-row computes what it would alone. Afterwards each session takes back its own rows of the grown cache.
+and stacked, the new tokens right-padded to the most any step appends; the attention mask hides
+all padding and each row gets its own position ids, so every row computes what it would alone.
+Afterwards each session takes back its own positions of the grown cache.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 GATHER_SHARE = 0.5  # at most this share of the last batch's time is spent waiting for more steps
 GATHER_MAX_S = 0.05  # and never longer than this
+PAD_LIMIT = 1.25  # steps of different lengths share a pass while padded tokens stay within this factor of real ones
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,8 +40,8 @@ class PackedCaches:
     pads: list[int]  # left padding of each row
 
 
-def pack_caches(caches: Sequence, lengths: Sequence[int], new_tokens: int, config, device) -> PackedCaches:
-    """Stack per-session caches (each holding lengths[i] positions) into one batch cache with mask and positions."""
+def pack_caches(caches: Sequence, lengths: Sequence[int], counts: Sequence[int], config, device) -> PackedCaches:
+    """Stack per-session caches (cache i holds lengths[i] positions, counts[i] tokens come) into one batch cache."""
     import torch
     from transformers import DynamicCache
 
@@ -55,10 +57,12 @@ def pack_caches(caches: Sequence, lengths: Sequence[int], new_tokens: int, confi
                 keys.append(_left_pad(cache.layers[layer].keys if n else None, template.layers[layer].keys, pad))
                 values.append(_left_pad(cache.layers[layer].values if n else None, template.layers[layer].values, pad))
             data.append((torch.cat(keys), torch.cat(values)))
-    mask = torch.ones(len(lengths), longest + new_tokens, dtype=torch.long, device=device)
-    for row, pad in enumerate(pads):
+    width = max(counts)
+    mask = torch.ones(len(lengths), longest + width, dtype=torch.long, device=device)
+    for row, (pad, count) in enumerate(zip(pads, counts)):
         mask[row, :pad] = 0
-    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(new_tokens, device=device)
+        mask[row, longest + count:] = 0
+    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(width, device=device)
     return PackedCaches(cache=DynamicCache(ddp_cache_data=data, config=config), attention_mask=mask,
                         position_ids=positions, pads=pads)
 
@@ -85,11 +89,18 @@ def _left_pad(tensor, template, pad: int):
 
 
 def batch_groups(calls: Sequence[StepCall]) -> list[list[int]]:
-    """Indexes of calls that run in one forward pass: same number of appended tokens, so nothing pads the new ones."""
-    groups: dict[int, list[int]] = {}
-    for i, call in enumerate(calls):
-        groups.setdefault(len(call.tokens), []).append(i)
-    return list(groups.values())
+    """Indexes of calls that run in one forward pass: similar numbers of appended tokens (padding within PAD_LIMIT)."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(calls)), key=lambda i: len(calls[i].tokens)):
+        count = len(calls[i].tokens)
+        if groups and (len(groups[-1]) + 1) * count <= PAD_LIMIT * (real + count):
+            groups[-1].append(i)
+            real += count
+        else:
+            groups.append([i])
+            real = count
+    return groups
 
 
 class StepGatherer:

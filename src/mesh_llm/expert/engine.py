@@ -70,7 +70,7 @@ class StepEngine:
         return result
 
     def step_batch(self, calls: Sequence[StepCall]) -> list[StepResult | Exception]:
-        """Run steps of distinct sessions (those appending equally many tokens in one pass); a result or error each."""
+        """Run steps of distinct sessions (those of similar length share one pass); a result or error each."""
         results: list[StepResult | Exception | None] = [None] * len(calls)
         sessions: dict[int, Session] = {}
         batch_ids = {call.session_id for call in calls}
@@ -117,26 +117,30 @@ class StepEngine:
         return session
 
     def _forward(self, calls: list[StepCall], sessions: list[Session]) -> list[tuple[list[TopKResult], np.ndarray]]:
-        """One model call for steps appending equally many tokens; extends each session; rows read per call."""
+        """One model call for these steps (shorter ones right-padded); extends each session; rows read per call."""
         import torch
 
         model = self.loaded.model
-        count = len(calls[0].tokens)
-        keep = count if any(c.all_positions or c.score_ids for c in calls) else 1  # row j follows token j
+        counts = [len(c.tokens) for c in calls]
+        width = max(counts)
+        uniform = min(counts) == width
+        keep = 1 if uniform and not any(c.all_positions or c.score_ids for c in calls) else width
         with torch.inference_mode():
-            ids = torch.tensor([c.tokens for c in calls], dtype=torch.long, device=self.loaded.device)
+            ids = torch.tensor([c.tokens + [0] * (width - len(c.tokens)) for c in calls], dtype=torch.long,
+                               device=self.loaded.device)
             if len(calls) == 1:
                 logits = model(input_ids=ids, cache=sessions[0].cache, use_cache=True, logits_to_keep=keep).logits
             else:
                 lengths = [len(s.tokens) for s in sessions]
-                packed = pack_caches([s.cache for s in sessions], lengths, count, model.config, self.loaded.device)
+                packed = pack_caches([s.cache for s in sessions], lengths, counts, model.config, self.loaded.device)
                 logits = model(input_ids=ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
                                cache=packed.cache, use_cache=True, logits_to_keep=keep).logits
                 for row, session in enumerate(sessions):
-                    session.cache = unpack_cache(packed, row, lengths[row] + count, model.config)
+                    session.cache = unpack_cache(packed, row, lengths[row] + counts[row], model.config)
             rows = []
-            for row, (call, session) in enumerate(zip(calls, sessions)):
-                own = logits[row] if call.all_positions or call.score_ids else logits[row, -1:]
+            for row, (call, session, count) in enumerate(zip(calls, sessions, counts)):
+                end = count - (width - keep)  # kept logits cover the last `keep` of the padded new positions
+                own = logits[row, :end] if call.all_positions or call.score_ids else logits[row, end - 1:end]
                 rows.append(self._read_rows(own, call.top_k, call.all_positions, call.score_ids))
                 session.tokens.extend(call.tokens)
         return rows
