@@ -245,6 +245,7 @@ def markdown_report(rows: Sequence[dict], per_expert: Sequence[dict], meta: dict
                     [("text", "text", ""), ("experts", "pair", ""), ("w", "weights", ""), ("nll", "weighted NLL", ".4f"),
                      ("uniform_nll", "0.5/0.5 NLL", ".4f"), ("best_single", "best single", ""),
                      ("best_single_nll", "its NLL", ".4f"), ("gain", "gain", "+.4f"),
+                     ("gain_se", "± s.e. (paired)", ".4f"),
                      ("w_here", "best weights on this text", "")]), ""]
     mc = [r for r in rows if r["kind"] == "mc"]
     if mc:

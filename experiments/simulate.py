@@ -229,7 +229,7 @@ async def run(args) -> list[dict]:
         try:
             began = time.perf_counter()
             experts = await start_experts(router.address, recs, models, args.seed)
-            reg_s = await wait_online(router.registry, args.experts)
+            reg_s = await wait_online(router.registry, args.experts, args.online_timeout_s)
             meta = {"kind": "meta", "experiment": "simulate", "command": args.command, "machine": machine,
                     "experts": args.experts, "recordings": [{"label": r.label, "step_ms": r.step_ms,
                                                              "positions": len(r.ids), "top_k": len(r.ids[0])}
@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle-s", type=float, default=8.0, help="wait after the run for the registry to mark victims gone")
     p.add_argument("--repeats", type=int, default=200, help="repeats of each registry/selection timing")
     p.add_argument("--gen-repeats", type=int, default=3, help="generations per (policy, K, s) point")
+    p.add_argument("--online-timeout-s", type=float, default=120.0, help="how long all experts may take to come online")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results/simulate.jsonl"))
     p.add_argument("--no-progress", action="store_true")

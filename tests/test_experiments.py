@@ -97,6 +97,12 @@ def test_weighted_pairs_are_chosen_on_one_text_and_scored_on_another(tiny_expert
     for r in rows:
         assert sum(r["weights"]) == pytest.approx(1) and tuple(r["weights"]) in weight_grid()
         assert r["best_single"] == tiny_experts[int(np.argmin(singles["pick"]))].label
+        chosen = [e.label for e in tiny_experts].index(r["best_single"])
+        pair = [targets[r["text"]][[e.label for e in tiny_experts].index(x)] for x in r["experts"].split("+")]
+        with np.errstate(divide="ignore"):
+            mixed = np.logaddexp(np.log(r["weights"][0]) + pair[0], np.log(r["weights"][1]) + pair[1])
+        diff = mixed - targets[r["text"]][chosen]
+        assert r["gain_se"] == pytest.approx(np.std(diff, ddof=1) / np.sqrt(len(diff)), rel=1e-6)
         if r["in_sample"]:  # the grid holds 0.5/0.5 and both single experts, so the chosen weights beat them here
             labels = [e.label for e in tiny_experts]
             pair = [labels.index(x) for x in r["experts"].split("+")]

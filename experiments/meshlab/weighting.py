@@ -21,13 +21,24 @@ def weight_grid(step: float = GRID_STEP) -> list[tuple[float, float]]:
     return [(round(i / n, 6), round(1 - i / n, 6)) for i in range(n + 1)]
 
 
-def weighted_linear_nll(target_lps: Sequence[np.ndarray], weights: Sequence[float]) -> float:
-    """Mean negative log-likelihood of the targets under the weighted linear mixture."""
+def weighted_linear_lp(target_lps: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Per token, the log-probability of the target under the weighted linear mixture."""
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
     with np.errstate(divide="ignore"):
         stacked = np.stack([np.asarray(lp, dtype=np.float64) for lp in target_lps]) + np.log(w)[:, None]
-    return float(-np.mean(np.logaddexp.reduce(stacked, axis=0)))
+    return np.logaddexp.reduce(stacked, axis=0)
+
+
+def weighted_linear_nll(target_lps: Sequence[np.ndarray], weights: Sequence[float]) -> float:
+    """Mean negative log-likelihood of the targets under the weighted linear mixture."""
+    return float(-np.mean(weighted_linear_lp(target_lps, weights)))
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of the mean per-token difference a - b (the same tokens scored twice)."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
 
 
 def choose_weights(target_lps: Sequence[np.ndarray], grid: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -53,10 +64,12 @@ def weighted_rows(labels: Sequence[str], target_lps: Mapping[str, Sequence[np.nd
         for text, lps in target_lps.items():
             pair = [lps[a], lps[b]]
             oracle = int(np.argmin(single_nll[text]))
+            mixed = weighted_linear_lp(pair, weights)
             rows.append({
                 "kind": "weighted", "experts": f"{labels[a]}+{labels[b]}", "weights": list(weights),
-                "chosen_on": choose_on, "text": text, "in_sample": text == choose_on,
-                "nll": weighted_linear_nll(pair, weights), "uniform_nll": weighted_linear_nll(pair, (0.5, 0.5)),
+                "chosen_on": choose_on, "text": text, "in_sample": text == choose_on, "tokens": len(mixed),
+                "nll": float(-np.mean(mixed)), "uniform_nll": weighted_linear_nll(pair, (0.5, 0.5)),
+                "gain_se": paired_se(mixed, lps[chosen_single]),  # of the gain over the chosen single expert
                 "best_weights_here": list(choose_weights(pair, grid)),
                 "best_single": labels[chosen_single], "best_single_nll": single_nll[text][chosen_single],
                 "best_single_here": labels[oracle], "best_single_here_nll": single_nll[text][oracle],
