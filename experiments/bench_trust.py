@@ -235,10 +235,12 @@ async def _generate(stub, until=None, **fields) -> tuple[list, object, float]:
 
     began = time.perf_counter()
     tokens, done = [], None
-    async for event in stub.Generate(router_pb2.GenerateRequest(**fields), timeout=600):
+    call = stub.Generate(router_pb2.GenerateRequest(**fields), timeout=600)
+    async for event in call:
         if event.HasField("token"):
             tokens.append(event.token)
             if until is not None and until():
+                call.cancel()  # the router stops this generation now, not when the call is collected
                 break
         else:
             done = event.done
