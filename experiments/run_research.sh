@@ -26,6 +26,9 @@ $PY experiments/heldout_corpus.py
 # the default run, then a larger one
 $PY experiments/quality.py --out results/quality.jsonl --md results/quality.md
 $PY experiments/quality.py --tokens 1024 --questions 100 --out results/quality_large.jsonl --md results/quality_large.md
+# weighted pairs on every token of the license and 4,096 tokens of each held-out genre (no multiple choice)
+$PY experiments/quality.py --tokens 4096 --task none --k 1 --top-k 16 --mix linear --out results/quality_weights.jsonl \
+    --md research/img/quality_weights.md
 # every ARC-Easy validation question in the oe_eval request file (570)
 $PY experiments/quality.py --tokens 1024 --questions 570 --out results/quality_arc570.jsonl --md results/quality_arc570.md
 
