@@ -40,6 +40,7 @@ SPEED_COLUMNS = [
 SPREAD_KEYS = {"tokens_per_s": ".2f", "latency_p50_ms": ".1f", "latency_p99_ms": ".1f", "router_ms_p50": ".2f",
                "load_average_1m": ".1f"}
 FACTORS = ("policy", "extra", "top_k", "k")  # a comparison table is made for each of these that varies
+SHOWN_FIXED = ("k", "extra", "policy", "top_k", "rtt_ms")
 BYTES_COLUMNS = [
     ("k", "K", ""), ("top_k", "top-k", ""), ("reply_bytes_per_expert_token", "reply B/expert/token", ".0f"),
     ("request_bytes_per_expert_token", "request B/expert/token", ".0f"),
@@ -114,8 +115,8 @@ def comparisons(points: list[dict], factor: str) -> list[dict]:
     for members in groups.values():
         members = sorted(members, key=lambda r: str(r[factor]))
         for first, second in zip(members, members[1:]):
-            out.append({"factor": factor, "fixed": ", ".join(f"{k}={first.get(k)}" for k in others
-                                                             if k in ("k", "extra", "policy", "top_k", "rtt_ms")),
+            out.append({"factor": factor, "fixed": ", ".join(f"{k}={first[k]}" for k in others if k in SHOWN_FIXED
+                                                             and first.get(k) is not None),
                         "first": f"{factor}={first[factor]}", "first_tps": first["tokens_per_s_spread"],
                         "second": f"{factor}={second[factor]}", "second_tps": second["tokens_per_s_spread"],
                         "ratio": second["tokens_per_s"] / first["tokens_per_s"],
@@ -126,6 +127,16 @@ def comparisons(points: list[dict], factor: str) -> list[dict]:
 COMPARISON_COLUMNS = [("fixed", "fixed", ""), ("first", "first", ""), ("first_tps", "tokens/s median (min–max)", ""),
                       ("second", "second", ""), ("second_tps", "tokens/s median (min–max)", ""),
                       ("ratio", "second ÷ first (medians)", ".2f"), ("verdict", "verdict", "")]
+
+
+def verdict_tables(points: list[dict]) -> str:
+    """A comparison table for each factor that varies among the aggregated points (empty when none does)."""
+    out = ""
+    for factor in FACTORS:
+        if len({str(r.get(factor)) for r in points}) > 1:
+            out += (f"\n\nBy {factor}, everything else fixed (within noise: the min–max ranges of tokens/s overlap):"
+                    f"\n\n" + markdown_table(comparisons(points, factor), COMPARISON_COLUMNS))
+    return out
 
 
 def plot_sweep(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Path], str]:
@@ -187,10 +198,7 @@ def plot_sweep(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Path]
             seen.add((r["top_k"], r["k"]))
             byte_rows.append(r)
     table += markdown_table(byte_rows, BYTES_COLUMNS)
-    for factor in FACTORS:
-        if len({str(r[factor]) for r in points}) > 1:
-            table += (f"\n\nBy {factor}, everything else fixed (within noise: the min–max ranges of tokens/s overlap):"
-                      f"\n\n" + markdown_table(comparisons(points, factor), COMPARISON_COLUMNS))
+    table += verdict_tables(points)
     head = (run_header(meta) + f"Backend: {backend} — {meta.get('backend_reason', '')}\n\n"
             "Each row: the median over its runs of each figure, min–max in brackets where shown.\n\n")
     return paths, head + table
@@ -238,7 +246,7 @@ def plot_simulate(rows: list[dict], out_dir: Path, prefix: str) -> tuple[list[Pa
             ("calls_per_token", "calls/token", ".2f"), ("load_average_1m_spread", "load avg (min–max)", ""),
             ("repeats", "runs", "")]
     meta = next((r for r in rows if r["kind"] == "meta"), {})
-    md = run_header(meta) + markdown_table(gen, cols)
+    md = run_header(meta) + markdown_table(gen, cols) + verdict_tables(gen)
     scale = [r for r in rows if r["kind"] == "scale"]
     if scale:
         md += "\n\n" + markdown_table(scale, [("what", "operation", ""), ("p50_ms", "p50 ms", ".3f"),
