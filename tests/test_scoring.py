@@ -335,8 +335,8 @@ def test_quality_through_the_mesh_equals_in_process_full_vocabulary_scoring(tiny
     ids = list(tiny_loaded.tokenizer(CORPUS, add_special_tokens=False).input_ids)[:40]
     questions = [MCQuestion(qid="q1", context="The capital of France is", choices=(" Paris.", " Rome."), gold=0),
                  MCQuestion(qid="q2", context="Rivers flow to the", choices=(" sea.", " dog.", " fox."), gold=0)]
-    rows, _ = quality.evaluate(experts, text_ids=ids, questions=questions, ks=[1, 2], rules=["linear"], top_ks=[8],
-                               progress=False, through_mesh=True)
+    rows, _ = quality.evaluate(experts, texts={"corpus": ids}, questions=questions, ks=[1, 2], rules=["linear"],
+                               top_ks=[8], progress=False, through_mesh=True)
     exact = {r["experts"]: r for r in rows if r["kind"] == "mesh_exact"}
     assert sorted(exact) == ["a", "a+b", "b"]
     full = {r["experts"]: r for r in rows if r["kind"] == "text" and r["top_k"] == "full"}
