@@ -131,17 +131,18 @@ async def k1_against_in_process(model: str, loaded, *, tokens: int, rounds: int,
 
 
 def _record_steps(running) -> list[tuple[int, float]]:
-    """Wrap an in-process expert's engine.step to log (tokens appended, model ms) of every step."""
+    """Wrap an in-process expert's batched steps to log (tokens appended, model ms) of every step."""
     engine = running.service.engine
     log: list[tuple[int, float]] = []
-    original = engine.step
+    original = engine.step_batch
 
-    def step(session_id, start, tokens, *rest, **options):
-        result = original(session_id, start, tokens, *rest, **options)
-        log.append((len(tokens), result.compute_ms))
-        return result
+    def step_batch(calls):
+        results = original(calls)
+        log.extend((len(call.tokens), result.compute_ms) for call, result in zip(calls, results)
+                   if not isinstance(result, Exception))
+        return results
 
-    engine.step = step
+    running.service.gatherer.run_batch = step_batch  # the gatherer holds the bound method it was built with
     return log
 
 
