@@ -151,7 +151,7 @@ class ModelDrafter:
         loaded = self.model.loaded
         with torch.inference_mode():
             ids = torch.tensor([tokens], dtype=torch.long, device=loaded.device)
-            out = loaded.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = loaded.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.fed.extend(tokens)
         return out.logits[0, -1].float()
 
