@@ -173,3 +173,17 @@ def test_handlers_registered_later_and_new_kinds_declare_bounds(mesh):
     assert _propose(gov, kind="set_draft_len", n=4).tier == "deploy_minor"
     with pytest.raises(PhaseForbidden, match="deploy_major"):  # out of bounds: not allowed in phase 2
         _propose(gov, kind="set_draft_len", n=40)
+
+
+def test_oversized_proposals_are_refused_and_audited(mesh):
+    gov, _, _, _ = mesh
+    oversized = [{"kind": "note", "target": "router", "params": {"text": "ok"}, "rationale": "r" * 8001},
+                 {"kind": "note", "target": "t" * 257, "params": {"text": "ok"}, "rationale": "r"},
+                 {"kind": "n" * 65, "target": "router", "params": {}, "rationale": "r"}]
+    for proposal in oversized:
+        with pytest.raises(InvalidProposal, match="proposal field"):
+            gov.submit(proposal, author="agent")
+    refused = [json.loads(r.detail) for r in gov.audit_rows() if r.event == "refused"]
+    assert [r["error"] for r in refused] == ["InvalidProposal"] * 3
+    assert all(len(r["message"]) < 300 for r in refused)  # the audit keeps the reason, not the oversized text
+    assert gov.proposals() == [] and gov.verify_audit().ok
