@@ -113,7 +113,7 @@ def comparisons(points: list[dict], factor: str) -> list[dict]:
         groups[tuple(p.get(k) for k in others) + (tuple(p.get("rtt_per_expert_ms") or ()),)].append(p)
     out = []
     for members in groups.values():
-        members = sorted(members, key=lambda r: str(r[factor]))
+        members = sorted(members, key=lambda r: r[factor])
         for first, second in zip(members, members[1:]):
             out.append({"factor": factor, "fixed": ", ".join(f"{k}={first[k]}" for k in others if k in SHOWN_FIXED
                                                              and first.get(k) is not None),
