@@ -16,8 +16,10 @@ $PY experiments/sweep.py --experts 4 --k 1,2,3 --extra 0,1 --rtt-ms 50 --jitter-
 # experts at different distances: random against latency-aware selection
 $PY experiments/sweep.py --experts 4 --k 1,2 --per-expert-rtt 0,20,50,100 --policy random,latency --tokens 64 \
     --repeats 3 --out results/sweep_hetero.jsonl
-# router benchmark (research/bench_router.md)
-$PY experiments/bench_router.py --out results/bench_router.json
+# router benchmark (research/bench_router.md): one value per figure per run, so three runs
+for i in 1 2 3; do
+    $PY experiments/bench_router.py --out results/bench_router_$i.json
+done
 # 300 simulated experts (research/simulate.md), 3 generations per point
 $PY experiments/simulate.py --gen-repeats 3 --out results/simulate.jsonl
 # the held-out text (dated 2025 or later): check the manifest against this machine's files
