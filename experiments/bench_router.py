@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from mesh_llm.router.aggregation import mix  # noqa: E402
-from mesh_llm.router.sampling import Sampler, SamplingConfig  # noqa: E402
-from mesh_llm.router.selection import Candidate, get_policy  # noqa: E402
+from mesh_llm.mixing.aggregation import mix  # noqa: E402
+from mesh_llm.mixing.sampling import Sampler, SamplingConfig  # noqa: E402
+from mesh_llm.mixing.selection import Candidate, get_policy  # noqa: E402
 from mesh_llm.wire import SparseDist  # noqa: E402
 
 from meshlab.common import command_line, machine_info, pct  # noqa: E402

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from mesh_llm.router.aggregation import mix
-from mesh_llm.router.sampling import Sampler, SamplingConfig
-from mesh_llm.router.selection import Candidate, get_policy
+from mesh_llm.mixing.aggregation import mix
+from mesh_llm.mixing.sampling import Sampler, SamplingConfig
+from mesh_llm.mixing.selection import Candidate, get_policy
 from mesh_llm.wire import SparseDist
 
 

@@ -150,7 +150,7 @@ def robust_gain(model: str, positions: int) -> dict:
     """Teacher-forced NLL of float32 + bfloat16 + one lie mixed by `linear` and by `robust`, and of the honest pair."""
     from meshlab.data import apache_license_text
 
-    from mesh_llm.router.aggregation import mix
+    from mesh_llm.mixing.aggregation import mix
 
     variants = _variants(model, False)
     f32 = variants["float32"]

@@ -639,8 +639,8 @@ def time_routing(base_loaded, ids: Sequence[int], *, n: int = 4, k: int = 2, top
     """
     import torch
 
-    from mesh_llm.router.aggregation import mix
-    from mesh_llm.router.selection import Candidate, GateContext, get_policy
+    from mesh_llm.mixing.aggregation import mix
+    from mesh_llm.mixing.selection import Candidate, GateContext, get_policy
     from mesh_llm.wire import SparseDist
 
     with torch.inference_mode():

@@ -6,7 +6,7 @@
         [--task arc_easy --questions 50] [--out results/quality.jsonl] [--md results/quality.md] [--through-mesh]
 
 Experts are variants of one model sharing its tokenizer (quantisation and compute dtype differ).
-Every K-subset of them is mixed with uniform weights through mesh_llm.router.aggregation: sparse
+Every K-subset of them is mixed with uniform weights through mesh_llm.mixing.aggregation: sparse
 top-k replies with `mix` (the router's path) and full rows with `full_vocab_mix` (the reference).
 Texts, teacher-forced: the Apache-2.0 license shipped in an installed package (almost surely in
 the model's training data) and three genres written after the model was trained (Debian changelog

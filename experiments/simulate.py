@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from mesh_llm.grpc_util import channel  # noqa: E402
 from mesh_llm.pb import router_pb2_grpc  # noqa: E402
-from mesh_llm.router.selection import get_policy  # noqa: E402
+from mesh_llm.mixing.selection import get_policy  # noqa: E402
 from mesh_llm.router.server import RouterConfig, start_router  # noqa: E402
 from mesh_llm.router.settings import MeshSettings  # noqa: E402
 

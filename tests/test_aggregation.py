@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh_llm.router.aggregation import (
+from mesh_llm.mixing.aggregation import (
     FILL_RULES,
     MIX_RULES,
     UnknownRule,

@@ -75,7 +75,7 @@ def test_window_posteriors_match_the_routers_tracker(study, prompt):
 
 
 def test_uniform_mix_is_the_full_vocabulary_linear_mix(study):
-    from mesh_llm.router.aggregation import full_vocab_mix
+    from mesh_llm.mixing.aggregation import full_vocab_mix
 
     rng = np.random.default_rng(2)
     rows = rng.normal(size=(3, 50))

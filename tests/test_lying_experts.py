@@ -19,10 +19,10 @@ from mesh_llm.cli.main import app
 from mesh_llm.expert.engine import StepEngine
 from mesh_llm.governance import audit
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.router.aggregation import densify, divergences, full_vocab_mix, mix
+from mesh_llm.mixing.aggregation import densify, divergences, full_vocab_mix, mix
 from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import QUARANTINED
-from mesh_llm.router.selection import Candidate, RandomPolicy
+from mesh_llm.mixing.selection import Candidate, RandomPolicy
 from mesh_llm.router.server import RouterConfig
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.trust import (

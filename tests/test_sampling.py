@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mesh_llm.router.sampling import Sampler, SamplingConfig, StopChecker
+from mesh_llm.mixing.sampling import Sampler, SamplingConfig, StopChecker
 from mesh_llm.wire import SparseDist
 
 # Listed mass 0.5 over 4 tokens; the other half is rest mass that must never be sampled.

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mesh_llm.router import selection
-from mesh_llm.router.selection import (
+from mesh_llm.mixing import selection
+from mesh_llm.mixing.selection import (
     Candidate,
     GatedPolicy,
     UnknownPolicy,

@@ -13,7 +13,7 @@ import torch
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.models.tiny import build_tiny_llama
 from mesh_llm.router.drafting import NgramDrafter, UnknownDrafter, parse_draft
-from mesh_llm.router.sampling import Sampler, SamplingConfig
+from mesh_llm.mixing.sampling import Sampler, SamplingConfig
 from mesh_llm.router.speculation import GammaController
 from mesh_llm.wire import SparseDist
 from tests.mesh_helpers import local_mesh
@@ -111,7 +111,7 @@ def test_verify_output_follows_the_sampler_distribution(temperature, top_p, dete
         _, choice = sampler.verify(dist, 5 if deterministic else int(x), None if deterministic else q)
         got[choice.token_id] += 1
         want[reference.sample(dist).token_id] += 1
-    from mesh_llm.router.sampling import sampling_probs
+    from mesh_llm.mixing.sampling import sampling_probs
 
     pool, probs = sampling_probs(dist.logprobs, config)
     exact = np.zeros(vocab)

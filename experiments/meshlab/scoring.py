@@ -3,7 +3,7 @@
 Each expert scores a token sequence once (one forward over all positions); its sparse top-k
 replies are cut from the same full row exactly as the expert's StepEngine cuts them (log-softmax
 in float32, top-k, log of the mass outside). Mixtures always go through
-mesh_llm.router.aggregation: `mix` for sparse replies and `full_vocab_mix` for the dense reference.
+mesh_llm.mixing.aggregation: `mix` for sparse replies and `full_vocab_mix` for the dense reference.
 A target token outside a sparse mixture's ids gets its rest mass spread evenly (as `densify` does).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mesh_llm.router.aggregation import full_vocab_mix, mix
+from mesh_llm.mixing.aggregation import full_vocab_mix, mix
 from mesh_llm.wire import SparseDist
 
 

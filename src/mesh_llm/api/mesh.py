@@ -15,7 +15,7 @@ from mesh_llm.grpc_util import channel
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.client import RouterUnavailable, stream_generate
 from mesh_llm.router.metrics import RouterMetrics
-from mesh_llm.router.selection import pick_family
+from mesh_llm.mixing.selection import pick_family
 
 MESH_MODEL = "mesh"  # the K-of-N mixture over the largest tokenizer family
 FAMILY_PREFIX = "family-"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mesh_llm.errors import MeshError
-from mesh_llm.router.sampling import SamplingConfig, sampling_probs
+from mesh_llm.mixing.sampling import SamplingConfig, sampling_probs
 
 log = logging.getLogger(__name__)
 DRAFT_KINDS = ("none", "ngram", "model:NAME")

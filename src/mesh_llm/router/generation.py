@@ -16,9 +16,9 @@ import numpy as np
 from mesh_llm.errors import MeshError, StatusError
 from mesh_llm.models.catalog import UnknownModel
 from mesh_llm.pb import expert_pb2, router_pb2
-from mesh_llm.router.aggregation import UnknownRule, check_rules, mix
+from mesh_llm.mixing.aggregation import UnknownRule, check_rules, mix
 from mesh_llm.router.checkpoints import FINISHED, Checkpoint, CheckpointStore, Snapshot, restore_rngs
-from mesh_llm.router.constrain import BadSchema, SchemaConstraint
+from mesh_llm.mixing.constrain import BadSchema, SchemaConstraint
 from mesh_llm.router.credits import CreditLedger
 from mesh_llm.router.detokenize import IncrementalText
 from mesh_llm.router.drafting import (Draft, DraftMismatch, DraftModels, DraftSpec, ModelDrafter, NgramDrafter,
@@ -27,8 +27,8 @@ from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.posterior import POSTERIOR_POLICIES, PosteriorTracker, mixing_weights
 from mesh_llm.router.registry import ONLINE, SUSPECT, ExpertRecord, Registry
-from mesh_llm.router.sampling import Choice, Sampler, SamplingConfig, StopChecker
-from mesh_llm.router.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
+from mesh_llm.mixing.sampling import Choice, Sampler, SamplingConfig, StopChecker
+from mesh_llm.mixing.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.speculation import GammaController
 from mesh_llm.router.steps import CallResult, Halted, Target, call_expert, gather_replies

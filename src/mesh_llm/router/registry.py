@@ -36,7 +36,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from mesh_llm.errors import MeshError
 from mesh_llm.pb import expert_pb2, router_pb2
-from mesh_llm.router.selection import Candidate
+from mesh_llm.mixing.selection import Candidate
 from mesh_llm.store.registry_tables import experts
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mesh_llm.router.aggregation import check_rules
+from mesh_llm.mixing.aggregation import check_rules
 from mesh_llm.router.drafting import check_gamma, parse_draft
 from mesh_llm.router.posterior import PosteriorConfig
-from mesh_llm.router.selection import get_policy
+from mesh_llm.mixing.selection import get_policy
 
 
 @dataclass(kw_only=True)

@@ -39,10 +39,10 @@ from sqlalchemy import Engine, insert, select, update
 
 from mesh_llm.governance import audit
 from mesh_llm.governance.tx import write_tx
-from mesh_llm.router.aggregation import KL_FLOOR, divergences
+from mesh_llm.mixing.aggregation import KL_FLOOR, divergences
 from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import QUARANTINED, Registry
-from mesh_llm.router.selection import Candidate
+from mesh_llm.mixing.selection import Candidate
 from mesh_llm.store.trust_tables import expert_trust
 from mesh_llm.wire import SparseDist
 
