@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mesh_llm.invite import decode_invite
 from mesh_llm.pb import router_pb2
-from mesh_llm.router.display import STATUS_COLUMNS, status_table
+from mesh_llm.cli.display import STATUS_COLUMNS, status_table
 from tests.real_model import free_port
 
 
@@ -102,7 +102,7 @@ def test_status_table_keeps_headers_whole_at_80_columns():
 
 
 def test_demo_takes_the_prompt_as_an_argument(monkeypatch):
-    import mesh_llm.router.demo as demo
+    import mesh_llm.cli.demo as demo
     from mesh_llm.cli.main import app
 
     asked = []

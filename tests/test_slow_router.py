@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from mesh_llm.router.demo import DemoConfig, run_demo
+from mesh_llm.cli.demo import DemoConfig, run_demo
 from tests.real_model import real_mesh_home  # noqa: F401
 
 pytestmark = pytest.mark.slow

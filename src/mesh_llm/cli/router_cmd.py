@@ -151,7 +151,7 @@ def status(router: str = typer.Option(None, help=ROUTER_HELP),
                                          "retention period.")) -> None:
     """Experts with health and RTT, the defaults (K, policy, mix), phase, halt state and tokens/s."""
     from mesh_llm.router.client import router_status
-    from mesh_llm.router.display import status_table
+    from mesh_llm.cli.display import status_table
 
     with friendly_errors():
         st = asyncio.run(router_status(_router(router), include_gone=show_all))
@@ -195,7 +195,7 @@ def generate(
     """Generate through the mesh, streaming tokens coloured by the experts that produced them."""
     from mesh_llm.pb import router_pb2
     from mesh_llm.router.client import router_status, stream_generate
-    from mesh_llm.router.display import StreamPrinter, print_stream
+    from mesh_llm.cli.display import StreamPrinter, print_stream
 
     address = _router(router)
     fields = dict(prompt=prompt, k=k, policy=policy, mix=mix, top_k=top_k, temperature=temperature, top_p=top_p,
@@ -244,7 +244,7 @@ def demo(
     quants: str = typer.Option("none", help="Comma-separated quantisation per expert, cycled (e.g. none,nf4)."),
 ) -> None:
     """Start a router and N local experts on the default model and stream an answer with its contributors."""
-    from mesh_llm.router.demo import DemoConfig, run_demo
+    from mesh_llm.cli.demo import DemoConfig, run_demo
 
     if prompt_option is not None and prompt == DemoConfig.prompt:
         prompt = prompt_option
