@@ -34,7 +34,7 @@ from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import add_member
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.router.server import RouterConfig, start_router
+from mesh_llm.node import RouterConfig, start_router
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"
 

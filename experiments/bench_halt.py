@@ -48,7 +48,7 @@ async def start_mesh(args: argparse.Namespace, work: Path):
     from mesh_llm.expert.server import ExpertConfig, start_expert
     from mesh_llm.models.loading import LoadOptions, load
     from mesh_llm.models.tiny import build_tiny_llama
-    from mesh_llm.router.server import RouterConfig, start_router
+    from mesh_llm.node import RouterConfig, start_router
 
     if args.model == "tiny":
         model = str(build_tiny_llama(work / "tiny", context=4096))

@@ -259,7 +259,7 @@ async def _mesh(services: list, workdir: Path):
     """A router spot-checking every round (K=2) with these expert services joined; yields (router, stub, links)."""
     from mesh_llm.grpc_util import channel
     from mesh_llm.pb import router_pb2_grpc
-    from mesh_llm.router.server import RouterConfig, start_router
+    from mesh_llm.node import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
 
     settings = MeshSettings(default_k=2, spot_check=1.0, default_top_k=TOP_K, default_extra=0)

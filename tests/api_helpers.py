@@ -10,7 +10,7 @@ import openai
 from mesh_llm.api import ApiConfig, RunningApi, start_api
 from mesh_llm.governance import keys as member_keys
 from mesh_llm.governance.policy import add_member
-from mesh_llm.router.server import RouterConfig
+from mesh_llm.node import RouterConfig
 from tests.mesh_helpers import local_mesh
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"

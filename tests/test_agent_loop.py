@@ -19,7 +19,7 @@ from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import add_member
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.models.tiny import build_tiny_llama
-from mesh_llm.router.server import RouterConfig
+from mesh_llm.node import RouterConfig
 from tests.mesh_helpers import local_mesh
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"

@@ -15,7 +15,7 @@ from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import add_member
 from mesh_llm.models.catalog import DEFAULT_MODEL
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.router.server import RouterConfig
+from mesh_llm.node import RouterConfig
 from tests.mesh_helpers import local_mesh
 from tests.real_model import real_mesh_home  # noqa: F401
 

@@ -16,7 +16,7 @@ from mesh_llm.pb import governance_pb2 as gpb
 from mesh_llm.pb import governance_pb2_grpc as gpb_grpc
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.metrics import router_metrics
-from mesh_llm.router.server import RouterConfig
+from mesh_llm.node import RouterConfig
 from tests.mesh_helpers import local_mesh
 
 API_KEY = "client-key-123456"

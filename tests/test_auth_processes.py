@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from mesh_llm.invite import Invite, decode_invite, encode_invite
-from mesh_llm.router.server import RouterConfig, start_router
+from mesh_llm.node import RouterConfig, start_router
 
 EXIT_TIMEOUT_S = 120  # model load plus three refused registrations on a loaded 2-core machine
 

@@ -22,7 +22,7 @@ from mesh_llm.grpc_util import channel
 from mesh_llm.models.catalog import DEFAULT_MODEL, resolve
 from mesh_llm.models.convert import ensure_converted, is_converted
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc
-from mesh_llm.router.server import RouterConfig, start_router
+from mesh_llm.node import RouterConfig, start_router
 from tests.real_model import real_mesh_home  # noqa: F401  (fixture)
 from tests.test_cli_mesh import lines_of, next_lines
 

@@ -29,7 +29,7 @@ from mesh_llm.paths import mesh_home
 from mesh_llm.pb import governance_pb2 as gpb
 from mesh_llm.pb import governance_pb2_grpc as gpb_grpc
 from mesh_llm.pb import router_pb2
-from mesh_llm.router.server import RouterConfig, saved_secret, start_router
+from mesh_llm.node import RouterConfig, saved_secret, start_router
 from mesh_llm.store.governance_tables import nonces
 from tests.mesh_helpers import local_mesh
 

@@ -82,7 +82,7 @@ async def test_deregister_rpc_needs_the_mesh_secret(tiny_loaded, tmp_path):
 
 
 async def test_expert_sigterm_finishes_running_step_deregisters_and_exits_0(tiny_model_dir, tmp_path, mesh_home):
-    from mesh_llm.router.server import RouterConfig, start_router
+    from mesh_llm.node import RouterConfig, start_router
 
     router = await start_router(RouterConfig(port=0, db_url=f"sqlite:///{tmp_path / 'r.db'}", secret="s"))
     proc = subprocess.Popen(

@@ -23,7 +23,7 @@ from mesh_llm.mixing.aggregation import densify, divergences, full_vocab_mix, mi
 from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import QUARANTINED
 from mesh_llm.mixing.selection import Candidate, RandomPolicy
-from mesh_llm.router.server import RouterConfig
+from mesh_llm.node import RouterConfig
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.trust import (
     QUARANTINE_EVENT,

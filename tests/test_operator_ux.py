@@ -21,7 +21,7 @@ from mesh_llm.governance.policy import add_member
 from mesh_llm.models.convert import MANIFEST, ensure_converted, is_converted
 from mesh_llm.pb import router_pb2
 from mesh_llm.cli.display import StreamPrinter
-from mesh_llm.router.server import RouterConfig
+from mesh_llm.node import RouterConfig
 from tests.mesh_helpers import local_mesh
 from tests.test_concurrent_pull import _default_model_wheel, _offline_pip, tiny_gguf  # noqa: F401  (fixture)
 

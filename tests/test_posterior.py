@@ -71,7 +71,7 @@ def _next_probs(loaded, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("policy", ["posterior", "posterior-prompt"])
 async def test_live_router_picks_and_weights_experts_by_their_prompt_likelihood(tiny_loaded, tiny_model_dir_b,
                                                                                  tmp_path, policy):
-    from mesh_llm.router.server import RouterConfig
+    from mesh_llm.node import RouterConfig
 
     other = load(LoadOptions(model=str(tiny_model_dir_b), device="cpu"))
     models = [tiny_loaded, other, tiny_loaded]

@@ -212,7 +212,7 @@ async def _eventually(predicate, timeout: float = 3.0) -> float:
 async def test_an_action_applied_through_one_router_changes_the_settings_of_another(store_url, tmp_path):
     from mesh_llm.grpc_util import channel
     from mesh_llm.pb import governance_pb2_grpc
-    from mesh_llm.router.server import RouterConfig, start_router
+    from mesh_llm.node import RouterConfig, start_router
     from tests.test_router_governance import _approve, _gov_dir, _halt
 
     config = RouterConfig(port=0, db_url=store_url, secret="s3cret", governance_dir=_gov_dir(tmp_path, phase=2),

@@ -34,7 +34,7 @@ from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.models.tiny import build_tiny_llama
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc, router_pb2
 from mesh_llm.router.generation import plan_from_request
-from mesh_llm.router.server import RouterConfig
+from mesh_llm.node import RouterConfig
 from mesh_llm.router.settings import MeshSettings
 from tests.api_helpers import api_mesh
 from tests.expert_helpers import running_expert

@@ -21,7 +21,7 @@ from mesh_llm.paths import mesh_home
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.client import stream_generate
 from mesh_llm.cli.display import StreamPrinter, print_stream
-from mesh_llm.router.server import RouterConfig, RunningRouter, start_router
+from mesh_llm.node import RouterConfig, RunningRouter, start_router
 
 log = logging.getLogger(__name__)
 

@@ -89,7 +89,7 @@ def serve(
     """Serve the Router service and print the invite token donors pass to `mesh-expert serve --join`."""
     from mesh_llm.cli.expert_cmd import stop_on_signals
     from mesh_llm.router.credits import CreditPolicy
-    from mesh_llm.router.server import RouterConfig, start_router
+    from mesh_llm.node import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
 
     settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,

@@ -1,4 +1,4 @@
-"""Starting and stopping a router: registry and governance on the SQL store, gRPC services, sweeps, invite token."""
+"""A mesh node: router, governance and agent services on one SQL store, gRPC server, sweeps, invite token."""
 
 from __future__ import annotations
 
