@@ -38,6 +38,7 @@ from mesh_llm.router.trust import spot_check, trust_book
 log = logging.getLogger(__name__)
 PREFILL_DEADLINE_FACTOR = 3.0
 MAX_STEP_DEADLINE_S = 3600.0  # a longer per-token deadline is refused
+RANK_SAMPLE = 16  # most experts ranked per token; a larger family is sampled
 
 
 class GenerationError(StatusError):
@@ -536,8 +537,11 @@ class Generation:
         return [c for c in candidates if c.expert_id in self.allow] if self.allow else candidates
 
     def _rank(self, state: _State) -> list[Candidate]:
-        family = self.trust.annotate([c for c in self._allowed(self.registry.candidates())
-                                      if c.tokenizer_fingerprint == self.fingerprint and c.expert_id in self.usable])
+        # a bounded sample of the family (the experts holding this session first) keeps per-token cost flat in N
+        pool = (self._allowed(self.registry.candidates()) if self.allow else
+                self.registry.sample_candidates(self.fingerprint, RANK_SAMPLE, keep=state.held))
+        family = self.trust.annotate([c for c in pool if c.tokenizer_fingerprint == self.fingerprint
+                                      and c.expert_id in self.usable])
         context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]),
                               posterior=self.tracker.posterior() if self.tracker is not None else None)
         return self.policy.select(family, len(family), self.rng, context)

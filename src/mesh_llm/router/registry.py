@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
 from sqlalchemy import Engine, delete, insert, select, update
 
 from mesh_llm.errors import MeshError
 from mesh_llm.pb import expert_pb2, router_pb2
+from mesh_llm.router.candidate_index import CandidateIndex
 from mesh_llm.mixing.selection import Candidate
 from mesh_llm.store.registry_tables import experts
 
@@ -119,6 +121,12 @@ def _to_db(row: dict) -> dict:
     return {**row, "eos_token_ids": ",".join(str(t) for t in row["eos_token_ids"])}
 
 
+def _candidate(expert_id: str, row: dict) -> Candidate:
+    rtt = row["rtt_ms"]
+    return Candidate(expert_id=expert_id, rtt_ms=math.nan if rtt is None else rtt, weight=row["weight"],
+                     tokens_per_second=row["tokens_per_second"], tokenizer_fingerprint=row["tokenizer_fingerprint"])
+
+
 def _from_db(row) -> dict:
     data = dict(row._mapping)
     text = data["eos_token_ids"]
@@ -144,6 +152,8 @@ class Registry:
         self._checked: set[str] = set()  # experts registered (so checked) by this process
         self._answered: set[str] = set()  # experts with a good Step reply since they registered
         self._unanswered: dict[str, int] = {}  # stragglers not waited for since their last good reply
+        self._index = CandidateIndex()  # online checked experts, for bounded per-token samples
+        self._sampler = random.Random()
         now = self.clock()
         self._since = {eid: now for eid in self._rows}  # when each expert entered its current state
         for row in self._rows.values():
@@ -186,6 +196,7 @@ class Registry:
             self._by_address[address] = expert_id
             self._owners[address] = identity
             self._checked.add(expert_id)
+            self._reindex(row)
             self._answered.discard(expert_id)  # it proves itself again with this Info
             self._unanswered.pop(expert_id, None)
             self._dirty.discard(expert_id)
@@ -287,17 +298,26 @@ class Registry:
     def candidates(self) -> list[Candidate]:
         """Online checked experts as selection candidates (RTT NaN while unmeasured)."""
         with self._lock:
-            return [
-                Candidate(
-                    expert_id=eid,
-                    rtt_ms=math.nan if row["rtt_ms"] is None else row["rtt_ms"],
-                    tokens_per_second=row["tokens_per_second"],
-                    weight=row["weight"],
-                    tokenizer_fingerprint=row["tokenizer_fingerprint"],
-                )
-                for eid, row in self._rows.items()
-                if row["state"] == ONLINE and eid in self._checked
-            ]
+            return [_candidate(eid, row) for eid, row in self._rows.items()
+                    if row["state"] == ONLINE and eid in self._checked]
+
+    def sample_candidates(self, fingerprint: str, size: int, keep: Iterable[str] = ()) -> list[Candidate]:
+        """Online checked experts of a fingerprint: all when at most size, else some of keep plus a random fill."""
+        with self._lock:
+            if self._index.count(fingerprint) <= size:
+                return [_candidate(eid, row) for eid, row in self._rows.items() if row["state"] == ONLINE
+                        and eid in self._checked and row["tokenizer_fingerprint"] == fingerprint]
+            chosen: dict[str, None] = {}
+            for eid in keep:  # the kept experts fill at most three quarters, the rest explores
+                if len(chosen) >= size * 3 // 4:
+                    break
+                if self._selectable(eid, fingerprint):
+                    chosen[eid] = None
+            for eid in self._index.sample(fingerprint, size, self._sampler):
+                if len(chosen) >= size:
+                    break
+                chosen[eid] = None
+            return [_candidate(eid, self._rows[eid]) for eid in chosen]
 
     # operator actions -----------------------------------------------------------------------
 
@@ -406,6 +426,7 @@ class Registry:
             del self._by_address[row["address"]]
         for held in (self._checked, self._answered, self._dirty):
             held.discard(expert_id)
+        self._index.discard(expert_id)
         self._unanswered.pop(expert_id, None)
         self._since.pop(expert_id, None)
         log.info("expert %s at %s replaced by a new registration", expert_id, row["address"])
@@ -426,6 +447,19 @@ class Registry:
         if row["state"] != state:
             row["state"] = state
             self._since[row["expert_id"]] = now
+            self._reindex(row)
+
+    def _reindex(self, row: dict) -> None:
+        eid = row["expert_id"]
+        if row["state"] == ONLINE and eid in self._checked:
+            self._index.add(eid, row["tokenizer_fingerprint"])
+        else:
+            self._index.discard(eid)
+
+    def _selectable(self, expert_id: str, fingerprint: str) -> bool:
+        row = self._rows.get(expert_id)
+        return (row is not None and row["state"] == ONLINE and expert_id in self._checked
+                and row["tokenizer_fingerprint"] == fingerprint)
 
     def _maybe_recover(self, row: dict, now: float) -> None:
         """A heard-from suspect goes online, after the cool-down if it was failing (one more try)."""

@@ -1,0 +1,86 @@
+"""Per-token registry work is bounded: a sample of the family, not a scan of every registered expert."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh_llm.router import registry as registry_module
+from mesh_llm.router.registry import ExpertSpec, Registry
+from mesh_llm.store.db import open_engine
+
+SPEC = ExpertSpec(model_id="tiny", tokenizer_fingerprint="fp-a", vocab_size=512, context_limit=256)
+OTHER = ExpertSpec(model_id="tiny", tokenizer_fingerprint="fp-b", vocab_size=512, context_limit=256)
+
+
+class Clock:
+    """A hand-moved clock in unix seconds."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry(tmp_path, clock) -> Registry:
+    return Registry(open_engine(f"sqlite:///{tmp_path / 'mesh.db'}"), clock=clock)
+
+
+def register(registry: Registry, n: int, spec: ExpertSpec = SPEC, start: int = 0) -> list[str]:
+    return [registry.register(f"127.0.0.1:{20000 + i}", spec, name=f"e{i}") for i in range(start, start + n)]
+
+
+def test_small_family_is_returned_whole(registry):
+    ids = register(registry, 10)
+    register(registry, 3, OTHER, start=10)
+    assert [c.expert_id for c in registry.sample_candidates("fp-a", 64)] == ids
+
+
+def test_large_family_sample_is_bounded_distinct_and_keeps_held_experts(registry):
+    ids = register(registry, 200)
+    register(registry, 50, OTHER, start=200)
+    held = [ids[3], ids[150], "e-unknown"]
+    sample = [c.expert_id for c in registry.sample_candidates("fp-a", 64, keep=held)]
+    assert len(sample) == 64 and len(set(sample)) == 64
+    assert sample[:2] == held[:2]
+    assert set(sample) <= set(ids)
+
+
+def test_sample_leaves_out_gone_and_quarantined_and_takes_back_re_registered(registry, clock):
+    ids = register(registry, 100)
+    for eid in ids[:60]:
+        registry.deregister(eid)
+    registry.quarantine(ids[60])
+    live = set(ids[61:])
+    assert {c.expert_id for c in registry.sample_candidates("fp-a", 64)} == live
+    back = registry.register("127.0.0.1:20000", SPEC, name="e0")
+    assert back == ids[0]
+    seen = set()
+    for _ in range(50):
+        seen |= {c.expert_id for c in registry.sample_candidates("fp-a", 30)}
+    assert seen == live | {back}
+
+
+def test_silent_experts_leave_the_sample_after_the_sweep(registry, clock):
+    ids = register(registry, 100)
+    clock.now += registry.config.gone_after_s + 1
+    for eid in ids[:80]:
+        registry.heartbeat(eid)
+    registry.sweep()
+    assert {c.expert_id for c in registry.sample_candidates("fp-a", 64)} <= set(ids[:80])
+    assert len(registry.sample_candidates("fp-a", 64)) == 64
+
+
+def test_sample_builds_no_more_candidates_than_its_size(registry, monkeypatch):
+    register(registry, 600)
+    built = []
+    real = registry_module._candidate
+    monkeypatch.setattr(registry_module, "_candidate", lambda eid, row: built.append(eid) or real(eid, row))
+    registry.sample_candidates("fp-a", 64, keep=[])
+    assert len(built) == 64
