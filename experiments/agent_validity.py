@@ -28,7 +28,7 @@ from mesh_llm.agent import observe, usefulness
 from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.schema import OutputProblem, check
 from mesh_llm.agent.tasks import ROTATION, TASK_TYPES, TaskStore
-from mesh_llm.agent.testing import governance_folder
+from mesh_llm.testing.agent import governance_folder
 from mesh_llm.expert.server import ExpertConfig, resolve_join, start_expert
 from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
@@ -42,7 +42,7 @@ REPO_GOV = Path(__file__).resolve().parents[1] / "governance"
 def load_models(model: str, experts: int, workdir: Path) -> list:
     """Loaded models, one per expert: distinct tiny random Llamas, or one catalog model shared by all."""
     if model == "tiny":
-        from mesh_llm.models.tiny import build_tiny_llama
+        from mesh_llm.testing.tiny_model import build_tiny_llama
 
         return [load(LoadOptions(model=str(build_tiny_llama(workdir / f"tiny{i}", seed=i, context=2048)),
                                  device="cpu")) for i in range(experts)]

@@ -33,7 +33,7 @@ import numpy as np
 from mesh_llm.governance import convert
 from mesh_llm.governance.keys import public_key_b64
 from mesh_llm.governance.policy import add_member
-from mesh_llm.governance.testing import make_signers
+from mesh_llm.testing.governance import make_signers
 from mesh_llm.grpc_util import channel
 from mesh_llm.pb import governance_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -47,7 +47,7 @@ async def start_mesh(args: argparse.Namespace, work: Path):
     """Start a router and args.experts experts in this process; return (router address, async stop())."""
     from mesh_llm.expert.server import ExpertConfig, start_expert
     from mesh_llm.models.loading import LoadOptions, load
-    from mesh_llm.models.tiny import build_tiny_llama
+    from mesh_llm.testing.tiny_model import build_tiny_llama
     from mesh_llm.node import RouterConfig, start_router
 
     if args.model == "tiny":

@@ -186,7 +186,7 @@ async def run(args) -> dict:
         tmp = Path(tmp)
         model = args.model
         if args.tiny:
-            from mesh_llm.models.tiny import build_tiny_llama
+            from mesh_llm.testing.tiny_model import build_tiny_llama
 
             model = str(build_tiny_llama(tmp / "tiny", seed=0))
         loaded = load(LoadOptions(model=model, device="cpu"))

@@ -355,7 +355,7 @@ async def _check_cost(router, stub, tokens: int, rounds: int) -> dict:
 
 
 def _tiny_models(workdir: Path) -> tuple[str, str]:
-    from mesh_llm.models.tiny import build_tiny_llama
+    from mesh_llm.testing.tiny_model import build_tiny_llama
 
     return (str(build_tiny_llama(workdir / "tiny0", seed=0)), str(build_tiny_llama(workdir / "tiny1", seed=1)))
 

@@ -790,7 +790,7 @@ def tiny_setup(folder: Path, domains: Sequence[str]) -> tuple[str, list[str], Pa
     from meshlab.data import MCQuestion
     from transformers import AutoModelForCausalLM
 
-    from mesh_llm.models.tiny import CORPUS, build_tiny_llama
+    from mesh_llm.testing.tiny_model import CORPUS, build_tiny_llama
 
     base = build_tiny_llama(folder / "base", seed=0, layers=3)
     experts = []

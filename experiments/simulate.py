@@ -55,7 +55,7 @@ def recordings(args, tmp: Path) -> list[Recording]:
 
     model, variants = args.model, parse_list(args.variants, str)
     if args.tiny:
-        from mesh_llm.models.tiny import build_tiny_llama
+        from mesh_llm.testing.tiny_model import build_tiny_llama
 
         model = str(build_tiny_llama(tmp / "tiny", seed=0))
     out = []

@@ -128,7 +128,7 @@ async def run_sweep(args, loaded: dict | None = None) -> list[dict]:
 def tiny_setup(folder: Path) -> dict:
     """Build and load a tiny random model; returns {path: LoadedModel} for in-process experts."""
     from mesh_llm.models.loading import LoadOptions, load
-    from mesh_llm.models.tiny import build_tiny_llama
+    from mesh_llm.testing.tiny_model import build_tiny_llama
 
     path = build_tiny_llama(folder / "tiny", seed=0)
     return {str(path): load(LoadOptions(model=str(path), device="cpu"))}

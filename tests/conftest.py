@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh_llm.models.tiny import build_tiny_llama
+from mesh_llm.testing.tiny_model import build_tiny_llama
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mesh_llm.agent.runner import Runner, RunnerConfig
-from mesh_llm.agent.testing import signed_halt
+from mesh_llm.testing.agent import signed_halt
 from mesh_llm.errors import MeshError
 from tests.test_agent_loop import agent_mesh, long_tiny  # noqa: F401
 

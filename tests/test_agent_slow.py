@@ -9,7 +9,7 @@ import pytest
 from mesh_llm.agent import schema
 from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.tasks import TaskStore
-from mesh_llm.agent.testing import governance_folder
+from mesh_llm.testing.agent import governance_folder
 from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import add_member

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mesh_llm.agent import service as agent_service
 from mesh_llm.agent.tasks import MAX_CONTEXT_BYTES, QUEUED, RUNNING, TaskRefused, TaskStore
-from mesh_llm.agent.testing import governance_folder, signed_halt
+from mesh_llm.testing.agent import governance_folder, signed_halt
 from mesh_llm.cli import agent_cmd
 from mesh_llm.governance.audit import rows, verify
 from mesh_llm.governance.core import Governance

@@ -15,7 +15,7 @@ from mesh_llm.models.catalog import all_entries, user_catalog_path
 from mesh_llm.models.corpora import CorpusError, SplitConfig, path_spec, prepare_corpus
 from mesh_llm.models.finetune import ExpertJob, TrainConfig, TrainError, finetune_expert, mean_nll, train
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.models.tiny import CORPUS, build_tiny_llama
+from mesh_llm.testing.tiny_model import CORPUS, build_tiny_llama
 
 SENTENCES = [s.strip() + "." for s in CORPUS.split(".") if len(s.strip()) > 10]
 TINY_TRAIN = TrainConfig(steps=3, seq_len=32, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=2,

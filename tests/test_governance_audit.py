@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from mesh_llm.governance.errors import MeshHalted, NotHalted
 from mesh_llm.governance.policy import load_policy
-from mesh_llm.governance.testing import manual_governance
+from mesh_llm.testing.governance import manual_governance
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml")
 

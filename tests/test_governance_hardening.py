@@ -23,7 +23,7 @@ from mesh_llm.governance.errors import KeyStoreError, ProposalClosed, ReplayedNo
 from mesh_llm.governance.policy import add_member, governance_dir, load_policy, trust_root
 from mesh_llm.governance.service import start_server
 from mesh_llm.governance.signing import sign
-from mesh_llm.governance.testing import manual_governance
+from mesh_llm.testing.governance import manual_governance
 from mesh_llm.grpc_util import channel
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import governance_pb2 as gpb

@@ -11,7 +11,7 @@ import pytest
 from mesh_llm.governance.actions import ActionRegistry
 from mesh_llm.governance.errors import DoubleVote, MeshHalted, NotHalted
 from mesh_llm.governance.policy import load_policy
-from mesh_llm.governance.testing import ManualClock, make_signers, open_governance
+from mesh_llm.testing.governance import ManualClock, make_signers, open_governance
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml").model_copy(
     update={"initial_phase": 2})

@@ -12,7 +12,7 @@ from mesh_llm.governance.errors import (
     ActionError, DoubleVote, InvalidProposal, PhaseForbidden, ProposalClosed, UnknownProposal,
 )
 from mesh_llm.governance.policy import load_policy
-from mesh_llm.governance.testing import manual_governance, open_governance
+from mesh_llm.testing.governance import manual_governance, open_governance
 from mesh_llm.governance.tiers import Bound, ProposalIn, Tier
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml")

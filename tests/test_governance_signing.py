@@ -10,7 +10,7 @@ import pytest
 
 from mesh_llm.governance.errors import BadSignature, InvalidMessage, ReplayedNonce, StaleMessage, UnknownSigner
 from mesh_llm.governance.policy import load_policy
-from mesh_llm.governance.testing import make_signers, manual_governance, open_governance
+from mesh_llm.testing.governance import make_signers, manual_governance, open_governance
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml")
 

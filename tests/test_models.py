@@ -13,7 +13,7 @@ from mesh_llm.models.catalog import DEFAULT_MODEL, UnknownModel, resolve, user_c
 from mesh_llm.models.checks import ModelFileError, check_checkpoint
 from mesh_llm.models.fetch import locate
 from mesh_llm.models.loading import LoadError, LoadOptions, load
-from mesh_llm.models.tiny import build_tiny_llama
+from mesh_llm.testing.tiny_model import build_tiny_llama
 
 
 def test_unknown_model_lists_known_ones():

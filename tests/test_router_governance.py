@@ -253,7 +253,7 @@ def test_a_halt_off_the_event_loop_is_not_undone_by_the_watch_refreshing(tmp_pat
     import threading
 
     from mesh_llm.governance.policy import load_policy
-    from mesh_llm.governance.testing import make_signers, open_governance
+    from mesh_llm.testing.governance import make_signers, open_governance
 
     signers = make_signers(list(MEMBERS))
     gov = open_governance(tmp_path / "gov.db", load_policy(REPO_GOV / "policy.toml"), signers)

@@ -324,7 +324,7 @@ def test_quality_through_the_mesh_equals_in_process_full_vocabulary_scoring(tiny
     import sys
     from pathlib import Path
 
-    from mesh_llm.models.tiny import CORPUS
+    from mesh_llm.testing.tiny_model import CORPUS
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     quality = importlib.import_module("quality")

@@ -17,7 +17,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, delete, inspect
 from mesh_llm.agent.tasks import TaskStore
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import load_policy
-from mesh_llm.governance.testing import make_signers
+from mesh_llm.testing.governance import make_signers
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.checkpoints import CheckpointStore, ResumeRefused, Snapshot
 from mesh_llm.router.credits import CreditLedger
