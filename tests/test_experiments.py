@@ -39,7 +39,7 @@ def test_quality_mixtures_agree_with_single_experts_and_the_dense_reference(tiny
     from mesh_llm.testing.tiny_model import CORPUS
 
     from meshlab.data import MCQuestion
-    from meshlab.scoring import logprob_of, score_sequence, sparse_reply, sparse_target_logprobs
+    from meshlab.scoring import score_sequence, sparse_reply, sparse_target_logprobs
 
     quality = script("quality")
     tok = tiny_experts[0].loaded.tokenizer
@@ -59,7 +59,7 @@ def test_quality_mixtures_agree_with_single_experts_and_the_dense_reference(tiny
     assert len([r for r in rows if r["kind"] == "text"]) == 2 * (3 * 3 + (3 + 1) * 2 * 3)  # 2 texts x configs
     # K=1 through aggregation.mix equals the expert's own sparse reply scored directly
     seq = score_sequence(tiny_experts[0].loaded, ids, vocab)
-    direct = -np.mean([logprob_of(sparse_reply(seq, p, 8), int(t), vocab) for p, t in enumerate(seq.targets)])
+    direct = -np.mean([sparse_reply(seq, p, 8).logprob_of(int(t), vocab) for p, t in enumerate(seq.targets)])
     assert text[("a32", "-", 8)] == pytest.approx(direct, abs=1e-6)  # mix renormalises float32 replies
     assert text[("a32", "-", "full")] == pytest.approx(-np.mean(seq.dense[np.arange(len(seq.targets)), seq.targets]),
                                                        abs=1e-6)

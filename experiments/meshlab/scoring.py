@@ -89,15 +89,6 @@ def sparse_reply(seq: ScoredSequence, pos: int, k: int) -> SparseDist:
     return SparseDist(ids=ids[order], logprobs=np.minimum(seq.top_lp[pos, :k][order], 0.0), rest_logmass=min(rest, 0.0))
 
 
-def logprob_of(dist: SparseDist, token: int, vocab_size: int) -> float:
-    """Log-probability of token under a SparseDist, unlisted ids sharing the rest mass evenly."""
-    hit = np.searchsorted(dist.ids, token)
-    if hit < len(dist.ids) and dist.ids[hit] == token:
-        return float(dist.logprobs[hit])
-    unlisted = vocab_size - len(dist.ids)
-    return dist.rest_logmass - math.log(unlisted) if unlisted > 0 else -math.inf
-
-
 def sparse_target_logprobs(seqs: Sequence[ScoredSequence], *, k: int, rule: str, fill: str = "spread",
                            weights: Sequence[float] | None = None) -> np.ndarray:
     """Per position, the mixed log-probability of the target when each expert sends its top-k."""
@@ -106,7 +97,7 @@ def sparse_target_logprobs(seqs: Sequence[ScoredSequence], *, k: int, rule: str,
     for pos, target in enumerate(seqs[0].targets):
         replies = [sparse_reply(s, pos, k) for s in seqs]
         mixed = mix(replies, vocab_size=vocab, weights=weights, rule=rule, fill=fill)
-        out[pos] = logprob_of(mixed, int(target), vocab)
+        out[pos] = mixed.logprob_of(int(target), vocab)
     return out
 
 
