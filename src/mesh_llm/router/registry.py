@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, insert, select, update
 
 from mesh_llm.errors import MeshError
 from mesh_llm.pb import expert_pb2, router_pb2
@@ -64,6 +64,7 @@ class RegistryConfig:
     rtt_alpha: float = 0.2  # weight of a new sample in the RTT moving average
     sweep_interval_s: float = 0.5  # how often the owner should call sweep()
     gone_retention_s: float = 3600.0  # gone experts silent longer than this are left out of listings
+    follow_store: bool = True  # each sweep takes in experts other routers on the same store registered
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +153,7 @@ class Registry:
         self._checked: set[str] = set()  # experts registered (so checked) by this process
         self._answered: set[str] = set()  # experts with a good Step reply since they registered
         self._unanswered: dict[str, int] = {}  # stragglers not waited for since their last good reply
+        self._shared: set[str] = set()  # live experts another router on this store registered
         self._index = CandidateIndex()  # online checked experts, for bounded per-token samples
         self._sampler = random.Random()
         now = self.clock()
@@ -196,6 +198,7 @@ class Registry:
             self._by_address[address] = expert_id
             self._owners[address] = identity
             self._checked.add(expert_id)
+            self._shared.discard(expert_id)  # registered here now: this router keeps its state
             self._reindex(row)
             self._answered.discard(expert_id)  # it proves itself again with this Info
             self._unanswered.pop(expert_id, None)
@@ -286,9 +289,9 @@ class Registry:
                 self._dirty.add(expert_id)
 
     def checked(self, expert_id: str) -> bool:
-        """Whether this process registered (so checked) the expert."""
+        """Whether this router, or a live one on the same store, registered (so checked) the expert."""
         with self._lock:
-            return expert_id in self._checked
+            return self._vouched(expert_id)
 
     def answered(self, expert_id: str) -> bool:
         """Whether the expert gave a good Step reply since it registered."""
@@ -299,14 +302,14 @@ class Registry:
         """Online checked experts as selection candidates (RTT NaN while unmeasured)."""
         with self._lock:
             return [_candidate(eid, row) for eid, row in self._rows.items()
-                    if row["state"] == ONLINE and eid in self._checked]
+                    if row["state"] == ONLINE and self._vouched(eid)]
 
     def sample_candidates(self, fingerprint: str, size: int, keep: Iterable[str] = ()) -> list[Candidate]:
         """Online checked experts of a fingerprint: all when at most size, else some of keep plus a random fill."""
         with self._lock:
             if self._index.count(fingerprint) <= size:
                 return [_candidate(eid, row) for eid, row in self._rows.items() if row["state"] == ONLINE
-                        and eid in self._checked and row["tokenizer_fingerprint"] == fingerprint]
+                        and self._vouched(eid) and row["tokenizer_fingerprint"] == fingerprint]
             chosen: dict[str, None] = {}
             for eid in keep:  # the kept experts fill at most three quarters, the rest explores
                 if len(chosen) >= size * 3 // 4:
@@ -354,10 +357,14 @@ class Registry:
     def sweep(self, now: float | None = None) -> list[tuple[str, str, str]]:
         """Apply heartbeat timeouts and failure cool-downs, flush; return (id, old, new) changes."""
         now = self.clock() if now is None else now
+        if self.config.follow_store:
+            self.follow_store(now)
         suspect_after = self.config.suspect_after_missed * self.config.heartbeat_interval_s
         changes = []
         with self._lock:
             for eid, row in self._rows.items():
+                if eid in self._shared:
+                    continue  # its registering router keeps its state; follow_store copies it
                 old = row["state"]
                 silent = now - row["last_seen"]
                 if old in (ONLINE, SUSPECT) and silent > self.config.gone_after_s:
@@ -374,15 +381,45 @@ class Registry:
         self.flush()
         return changes
 
+    def follow_store(self, now: float | None = None) -> int:
+        """Take in the experts other routers on this store registered: live ones become selectable; count them."""
+        now = self.clock() if now is None else now
+        alive_within = self.config.suspect_after_missed * self.config.heartbeat_interval_s
+        with self.engine.connect() as conn:
+            stored = [_from_db(r) for r in conn.execute(select(experts))]
+        with self._lock:
+            for data in stored:
+                eid = data["expert_id"]
+                if eid in self._checked:
+                    continue  # registered here: this router's memory is the newer one
+                local = self._rows.get(eid)
+                if local is not None and self._by_address.get(local["address"]) == eid:
+                    del self._by_address[local["address"]]
+                mine = {k: local[k] for k in ("rtt_ms", "failures", "last_failure")} if local else {}
+                row = {**data, "rtt_ms": None, "failures": 0, "last_failure": "", **mine}
+                alive = data["state"] in (ONLINE, SUSPECT) and now - data["last_seen"] <= alive_within
+                if alive:
+                    self._shared.add(eid)
+                else:
+                    self._shared.discard(eid)
+                state = data["state"] if not alive else ONLINE if row["failures"] < self.config.max_failures else SUSPECT
+                row["state"] = local["state"] if local else state
+                self._rows[eid] = row
+                self._by_address[row["address"]] = eid
+                self._set_state(row, state, now)
+                self._reindex(row)
+                self._dirty.discard(eid)
+            return len(self._shared)
+
     def flush(self) -> int:
         """Write every changed expert to the database; return how many rows were written."""
         with self._lock:
-            rows = [_to_db(self._rows[eid]) for eid in self._dirty]
+            rows = [_to_db(self._rows[eid]) for eid in self._dirty if eid not in self._shared]
             self._dirty.clear()
         if rows:
-            with self.engine.begin() as conn:
-                for row in rows:
-                    conn.execute(update(experts).where(experts.c.expert_id == row["expert_id"]).values(**row))
+            by_id = update(experts).where(experts.c.expert_id == bindparam("row_id"))
+            with self.engine.begin() as conn:  # one executemany: a sweep of thousands of heartbeats stays short
+                conn.execute(by_id, [{**row, "row_id": row["expert_id"]} for row in rows])
         return len(rows)
 
     def get(self, expert_id: str) -> ExpertRecord:
@@ -424,7 +461,7 @@ class Registry:
         row = self._rows.pop(expert_id)
         if self._by_address.get(row["address"]) == expert_id:
             del self._by_address[row["address"]]
-        for held in (self._checked, self._answered, self._dirty):
+        for held in (self._checked, self._answered, self._dirty, self._shared):
             held.discard(expert_id)
         self._index.discard(expert_id)
         self._unanswered.pop(expert_id, None)
@@ -451,14 +488,17 @@ class Registry:
 
     def _reindex(self, row: dict) -> None:
         eid = row["expert_id"]
-        if row["state"] == ONLINE and eid in self._checked:
+        if row["state"] == ONLINE and self._vouched(eid):
             self._index.add(eid, row["tokenizer_fingerprint"])
         else:
             self._index.discard(eid)
 
+    def _vouched(self, expert_id: str) -> bool:
+        return expert_id in self._checked or expert_id in self._shared
+
     def _selectable(self, expert_id: str, fingerprint: str) -> bool:
         row = self._rows.get(expert_id)
-        return (row is not None and row["state"] == ONLINE and expert_id in self._checked
+        return (row is not None and row["state"] == ONLINE and self._vouched(expert_id)
                 and row["tokenizer_fingerprint"] == fingerprint)
 
     def _maybe_recover(self, row: dict, now: float) -> None:
