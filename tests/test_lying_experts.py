@@ -6,15 +6,19 @@ joined to a real router through the real RouterLink; the honest experts are tiny
 
 from __future__ import annotations
 
+import io
 import math
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from sqlalchemy import inspect
 from typer.testing import CliRunner
 
+from mesh_llm.cli.display import status_table
 from mesh_llm.cli.main import app
 from mesh_llm.expert.engine import StepEngine
 from mesh_llm.governance import audit
@@ -24,6 +28,7 @@ from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import QUARANTINED
 from mesh_llm.mixing.selection import Candidate, RandomPolicy
 from mesh_llm.node import RouterConfig
+from mesh_llm.pb import router_pb2
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.trust import (
     QUARANTINE_EVENT,
@@ -263,3 +268,18 @@ async def test_replies_of_the_round_that_are_not_mixed_referee_without_another_c
         assert done.rounds == 1  # the prompt's round asks all three under posterior routing
         assert await _step_calls(mesh) - before == 3
         assert [r.checks for r in trust_book(mesh.router.registry).rows()] == [1, 1, 1]
+
+
+async def test_router_status_and_the_status_table_show_each_experts_trust(tiny_loaded, tmp_path):
+    async with local_mesh([tiny_loaded] * 2, tmp_path, spot_checking(tmp_path, 0.0)) as mesh:
+        doubted, honest = (e.link.expert_id for e in mesh.experts)
+        trust_book(mesh.router.registry).record({doubted: (False, "test"), honest: (True, "")})
+        status = await mesh.stub.GetRouterStatus(router_pb2.RouterStatusRequest())
+        listed = await mesh.stub.ListExperts(router_pb2.ListExpertsRequest())
+    expected = {doubted: TrustConfig().initial - TrustConfig().penalty, honest: TrustConfig().initial}
+    for experts in (status.experts, listed.experts):
+        assert {e.expert_id: round(e.trust, 6) for e in experts} == pytest.approx(expected)
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(status_table(status.experts))
+    shown = re.findall(r"trust (\d\.\d\d)", out.getvalue())
+    assert sorted(shown) == ["0.70", "1.00"] and max(map(len, out.getvalue().splitlines())) <= 80, out.getvalue()

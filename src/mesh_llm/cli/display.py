@@ -86,6 +86,7 @@ def status_table(experts: Sequence[router_pb2.ExpertStatus]) -> Table:
     for e in experts:
         who = f"{e.name}\n[dim]{e.expert_id}[/dim]" if e.name and e.name != e.expert_id else e.expert_id
         model = f"{e.model_id}\n[dim]{e.device} {e.quantization}\ntok {e.tokenizer_fingerprint[:8]}[/dim]"
-        table.add_row(who, model, f"{e.state}\n[dim]weight {e.weight:g}[/dim]", f"{e.rtt_ms:.1f}",
+        table.add_row(who, model, f"{e.state}\n[dim]weight {e.weight:g}\ntrust {e.trust:.2f}[/dim]",
+                      f"{e.rtt_ms:.1f}",
                       f"{e.tokens_per_second:.1f}", str(e.failures), str(e.tokens_served))
     return table

@@ -31,6 +31,7 @@ from mesh_llm.router.registry import AddressTaken, ExpertSpec, Registry
 from mesh_llm.router.scoring import ScoringError, score_request
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.tokenizers import TokenizerCache, TokenizerMismatch
+from mesh_llm.router.trust import trust_book
 
 log = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 3.0  # a registering address must answer Info within this
@@ -165,12 +166,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                 f"the expert token of this call was not issued to expert {expert_id}")
 
     async def ListExperts(self, request, context):
-        return router_pb2.ListExpertsReply(experts=[r.to_proto() for r in self.registry.listed(request.all)])
+        return router_pb2.ListExpertsReply(experts=self.expert_statuses(request.all))
+
+    def expert_statuses(self, include_gone: bool) -> list[router_pb2.ExpertStatus]:
+        """Every listed expert as an ExpertStatus, with its spot-check trust from the trust book."""
+        book = trust_book(self.registry)
+        statuses = [r.to_proto() for r in self.registry.listed(include_gone)]
+        for status in statuses:
+            status.trust = book.trust(status.expert_id)
+        return statuses
 
     async def GetRouterStatus(self, request, context):
         s, switch = self.settings, self.governance.switch
         return router_pb2.RouterStatus(
-            experts=[r.to_proto() for r in self.registry.listed(request.all)], default_k=s.default_k,
+            experts=self.expert_statuses(request.all), default_k=s.default_k,
             default_policy=s.default_policy, default_mix=s.default_mix, halted=switch.is_halted,
             halt_reason=switch.reason, recent_tokens_per_second=self.recent_tokens_per_second(),
             active_generations=len(self.active), phase=self.governance.phase().phase,
