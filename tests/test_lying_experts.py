@@ -93,6 +93,11 @@ def test_mix_robust_is_a_router_setting_and_a_cli_choice(tmp_path):
     assert result.exit_code != 0 and "robust" in result.output
 
 
+def test_fill_is_a_router_cli_choice_checked_before_serving():
+    result = CliRunner().invoke(app, ["router", "serve", "--port", "0", "--fill", "uniform"])
+    assert result.exit_code != 0 and "'uniform'" in result.output and "spread" in result.output, result.output
+
+
 # the comparison and its tolerances -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,8 @@ def serve(
                                "(experts that best explain the recent context) or posterior-prompt (the prompt only)."),
     mix: str = typer.Option("linear", help="Default aggregation: linear, geometric or robust (with K >= 3 the "
                             "expert farthest from the others is left out, the rest mixed linearly)."),
+    fill: str = typer.Option("spread", help="Default fill for a token missing from an expert's top-k: spread (its "
+                             "leftover mass spread over the ids it did not list), zero or floor."),
     spot_check: float = typer.Option(0.05, help="Fraction of rounds whose replies are compared with other experts "
                                      "of the same model; experts that keep disagreeing lose trust and are quarantined."),
     top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
@@ -92,8 +94,9 @@ def serve(
     from mesh_llm.node import RouterConfig, start_router
     from mesh_llm.router.settings import MeshSettings
 
-    settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_top_k=top_k,
-                            step_deadline_s=deadline_s, default_draft=draft, default_draft_max=draft_max,
+    settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_fill=fill,
+                            default_top_k=top_k, step_deadline_s=deadline_s, default_draft=draft,
+                            default_draft_max=draft_max,
                             posterior_temperature=posterior_temperature, posterior_floor=posterior_floor,
                             default_extra=extra, family=family.strip().lower(), spot_check=spot_check)
     try:
