@@ -84,3 +84,22 @@ def test_sample_builds_no_more_candidates_than_its_size(registry, monkeypatch):
     monkeypatch.setattr(registry_module, "_candidate", lambda eid, row: built.append(eid) or real(eid, row))
     registry.sample_candidates("fp-a", 64, keep=[])
     assert len(built) == 64
+
+
+def test_simulate_scale_writes_the_curve_and_drops_dead_experts(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import simulate_scale
+
+    out = tmp_path / "scale.jsonl"
+    assert simulate_scale.main(["--sizes", "10,200", "--tokens", "100", "--out", str(out),
+                                "--img-dir", str(tmp_path / "img")]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["n"] for r in rows] == [10, 200] and rows[0]["ratio_vs_n10"] == 1.0
+    assert all(r["dead"] >= 1 and r["unselectable_s_max"] < 5.0 for r in rows)
+    assert rows[1]["scan_ms_p50"] > rows[1]["rank_ms_p50"]  # ranking all 200 costs more than the bounded sample
+    assert (tmp_path / "img" / "scale.md").read_text().count("\n| ") == 4  # header, rule, two sizes
+    assert (tmp_path / "img" / "scale_router_ms.png").stat().st_size > 1000
