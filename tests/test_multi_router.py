@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
-
-from mesh_llm.router.registry import GONE, ONLINE, ExpertSpec, Registry
+from mesh_llm.router.registry import GONE, ONLINE, Registry
 from mesh_llm.store.db import open_engine
-
-SPEC = ExpertSpec(model_id="tiny", tokenizer_fingerprint="fp-a", vocab_size=512, context_limit=256)
-
-
-class Clock:
-    """A hand-moved clock in unix seconds, shared by both routers."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.router_processes import router_processes
+from tests.test_scale import SPEC, Clock
 
 
 def test_an_expert_registered_at_one_router_is_selectable_at_another_until_it_goes(store_url):
@@ -66,43 +51,26 @@ def test_an_expert_registering_again_at_the_second_router_is_its_own_there(store
 
 
 async def test_a_generation_through_one_router_process_uses_an_expert_registered_at_another(
-        store_url, tmp_path, mesh_home, tiny_loaded):
+        store_url, mesh_home, tiny_loaded):
     from mesh_llm.expert.server import ExpertConfig, resolve_join, start_expert
     from mesh_llm.grpc_util import channel
     from mesh_llm.models.loading import LoadOptions
     from mesh_llm.pb import router_pb2, router_pb2_grpc
-    from tests.test_resume import _free_port, _online
+    from tests.test_resume import _online
     from tests.test_router_governance import _stream
 
-    routers, addresses, invites, expert = [], [], [], None
-    try:
-        for _ in range(2):
-            port = _free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "mesh_llm.cli.main", "router", "serve", "--port", str(port),
-                                     "--db", store_url], env=dict(os.environ, MESH_HOME=str(mesh_home)),
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            routers.append(proc)
-            addresses.append(f"127.0.0.1:{port}")
-            line = ""
-            while not line.startswith("invite token: "):
-                line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
-                assert line, "a router exited before printing its invite token"
-            invites.append(line.split()[-1])
+    async with router_processes(2, store_url, mesh_home) as (addresses, invites):
         joined, secret = resolve_join(None, invites[0])
         expert = await start_expert(ExpertConfig(load=LoadOptions(model=tiny_loaded.model_id), port=0,
-                                                 measure_speed=False, router=joined, secret=secret),
-                                    tiny_loaded)
-        await _online(addresses[0], 1)
-        await _online(addresses[1], 1, timeout=5)
-        async with channel(addresses[1]) as b:
-            stub = router_pb2_grpc.RouterStub(b)
-            status = await stub.GetRouterStatus(router_pb2.RouterStatusRequest())
-            tokens, done, _ = await _stream(stub, k=1, max_tokens=6, temperature=0.0)
-        assert [e.address for e in status.experts] == [f"127.0.0.1:{expert.port}"]
-        assert tokens == 6 and done.finish_reason == "length", done
-    finally:
-        for proc in routers:
-            proc.kill()
-            proc.wait(10)
-        if expert is not None:
+                                                 measure_speed=False, router=joined, secret=secret), tiny_loaded)
+        try:
+            await _online(addresses[0], 1)
+            await _online(addresses[1], 1, timeout=5)
+            async with channel(addresses[1]) as b:
+                stub = router_pb2_grpc.RouterStub(b)
+                status = await stub.GetRouterStatus(router_pb2.RouterStatusRequest())
+                tokens, done, _ = await _stream(stub, k=1, max_tokens=6, temperature=0.0)
+        finally:
             await expert.stop(0)
+    assert [e.address for e in status.experts] == [f"127.0.0.1:{expert.port}"]
+    assert tokens == 6 and done.finish_reason == "length", done
