@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from mesh_llm.router.registry import GONE, ONLINE, Registry
+import pytest
+
+from mesh_llm.router.registry import GONE, ONLINE, AddressTaken, Registry
 from mesh_llm.store.db import open_engine
 from tests.router_processes import router_processes
 from tests.test_scale import SPEC, Clock
@@ -17,6 +19,8 @@ def test_an_expert_registered_at_one_router_is_selectable_at_another_until_it_go
     assert [c.expert_id for c in b.candidates()] == [eid]
     assert [c.expert_id for c in b.sample_candidates("fp-a", 16)] == [eid]
     assert b.get(eid).address == "127.0.0.1:7001"
+    with pytest.raises(AddressTaken):  # bound to its registrant's key at B as well
+        b.register("127.0.0.1:7001", SPEC, name="thief", identity="id-2")
     for _ in range(10):  # heartbeats handled by A keep it alive for B
         clock.now += 1.0
         assert a.heartbeat(eid)

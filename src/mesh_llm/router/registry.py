@@ -400,6 +400,8 @@ class Registry:
                 alive = data["state"] in (ONLINE, SUSPECT) and now - data["last_seen"] <= alive_within
                 if alive:
                     self._shared.add(eid)
+                    if data["identity"]:  # the address stays bound to its registrant at every router
+                        self._owners[data["address"]] = data["identity"]
                 else:
                     self._shared.discard(eid)
                 state = data["state"] if not alive else ONLINE if row["failures"] < self.config.max_failures else SUSPECT
