@@ -39,7 +39,18 @@ def register(registry: Registry, n: int, spec: ExpertSpec = SPEC, start: int = 0
 def test_small_family_is_returned_whole(registry):
     ids = register(registry, 10)
     register(registry, 3, OTHER, start=10)
-    assert [c.expert_id for c in registry.sample_candidates("fp-a", 64)] == ids
+    whole = [c.expert_id for c in registry.sample_candidates("fp-a", 64)]
+    assert sorted(whole) == sorted(ids)
+    assert [c.expert_id for c in registry.sample_candidates("fp-a", 64)] == whole  # in one order every time
+
+
+def test_experts_of_weight_zero_are_never_sampled(registry):
+    ids = register(registry, 100)
+    for eid in ids[:90]:
+        registry.set_weight(eid, 0.0)
+    assert {c.expert_id for c in registry.sample_candidates("fp-a", 16)} == set(ids[90:])
+    registry.set_weight(ids[0], 0.5)
+    assert ids[0] in {c.expert_id for c in registry.sample_candidates("fp-a", 16)}
 
 
 def test_large_family_sample_is_bounded_distinct_and_keeps_held_experts(registry):
@@ -103,3 +114,23 @@ def test_simulate_scale_writes_the_curve_and_drops_dead_experts(tmp_path):
     assert rows[1]["scan_ms_p50"] > rows[1]["rank_ms_p50"]  # ranking all 200 costs more than the bounded sample
     assert (tmp_path / "img" / "scale.md").read_text().count("\n| ") == 4  # header, rule, two sizes
     assert (tmp_path / "img" / "scale_router_ms.png").stat().st_size > 1000
+
+
+async def test_a_generation_ranks_a_bounded_sample_per_token_among_many_experts(tiny_loaded, tmp_path, monkeypatch):
+    from dataclasses import fields
+
+    from tests.mesh_helpers import local_mesh
+
+    async with local_mesh([tiny_loaded], tmp_path) as mesh:
+        registry = mesh.router.registry
+        real = registry.get(mesh.router.registry.candidates()[0].expert_id)
+        spec = ExpertSpec(**{f.name: getattr(real, f.name) for f in fields(ExpertSpec)})
+        for i in range(200):  # registered but weighted out: in the registry, never asked
+            registry.set_weight(registry.register(f"127.0.0.1:{30000 + i}", spec, name=f"idle{i}",
+                                                  identity=f"idle-{i}"), 0.0)
+        built = []
+        real_candidate = registry_module._candidate
+        monkeypatch.setattr(registry_module, "_candidate", lambda eid, row: built.append(eid) or real_candidate(eid, row))
+        tokens, done = await mesh.generate(prompt="hello", max_tokens=8, k=1, temperature=0.0)
+    assert len(tokens) == 8 and done.finish_reason == "length"
+    assert len(built) < 201 + 16 * 9  # one full listing when the generation starts, then a bounded sample per token

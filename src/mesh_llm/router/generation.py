@@ -14,21 +14,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mesh_llm.errors import MeshError, StatusError
+from mesh_llm.mixing.aggregation import UnknownRule, check_rules, mix
+from mesh_llm.mixing.constrain import BadSchema, SchemaConstraint
+from mesh_llm.mixing.sampling import Choice, Sampler, SamplingConfig, StopChecker
+from mesh_llm.mixing.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
 from mesh_llm.models.catalog import UnknownModel
 from mesh_llm.pb import expert_pb2, router_pb2
-from mesh_llm.mixing.aggregation import UnknownRule, check_rules, mix
 from mesh_llm.router.checkpoints import FINISHED, Checkpoint, CheckpointStore, Snapshot, restore_rngs
-from mesh_llm.mixing.constrain import BadSchema, SchemaConstraint
 from mesh_llm.router.credits import CreditLedger
 from mesh_llm.router.detokenize import IncrementalText
-from mesh_llm.router.drafting import (Draft, DraftMismatch, DraftModels, DraftSpec, ModelDrafter, NgramDrafter,
-                                      check_gamma, parse_draft)
+from mesh_llm.router.drafting import (
+    Draft,
+    DraftMismatch,
+    DraftModels,
+    DraftSpec,
+    ModelDrafter,
+    NgramDrafter,
+    check_gamma,
+    parse_draft,
+)
 from mesh_llm.router.metrics import outcome_kind, router_metrics
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.posterior import POSTERIOR_POLICIES, PosteriorTracker, mixing_weights
 from mesh_llm.router.registry import ONLINE, SUSPECT, ExpertRecord, Registry
-from mesh_llm.mixing.sampling import Choice, Sampler, SamplingConfig, StopChecker
-from mesh_llm.mixing.selection import Candidate, GateContext, UnknownPolicy, get_policy, pick_family
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.speculation import GammaController
 from mesh_llm.router.steps import CallResult, Halted, Target, call_expert, gather_replies
@@ -538,10 +546,15 @@ class Generation:
 
     def _rank(self, state: _State) -> list[Candidate]:
         # a bounded sample of the family (the experts holding this session first) keeps per-token cost flat in N
+        def of_family(pool: list[Candidate]) -> list[Candidate]:
+            return self.trust.annotate([c for c in pool if c.tokenizer_fingerprint == self.fingerprint
+                                        and c.expert_id in self.usable])
+
         pool = (self._allowed(self.registry.candidates()) if self.allow else
                 self.registry.sample_candidates(self.fingerprint, RANK_SAMPLE, keep=state.held))
-        family = self.trust.annotate([c for c in pool if c.tokenizer_fingerprint == self.fingerprint
-                                      and c.expert_id in self.usable])
+        family = of_family(pool)
+        if len(family) < self.plan.k and len(pool) >= RANK_SAMPLE:  # a sample too thin to serve: rank them all
+            family = of_family(self.registry.candidates())
         context = GateContext(position=len(state.completion), recent_tokens=tuple(state.context[-8:]),
                               posterior=self.tracker.posterior() if self.tracker is not None else None)
         return self.policy.select(family, len(family), self.rng, context)

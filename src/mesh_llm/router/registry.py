@@ -305,11 +305,11 @@ class Registry:
                     if row["state"] == ONLINE and self._vouched(eid)]
 
     def sample_candidates(self, fingerprint: str, size: int, keep: Iterable[str] = ()) -> list[Candidate]:
-        """Online checked experts of a fingerprint: all when at most size, else some of keep plus a random fill."""
+        """Online checked experts of weight > 0 of a fingerprint: all when at most size, else some of keep and a random fill."""
         with self._lock:
             if self._index.count(fingerprint) <= size:
-                return [_candidate(eid, row) for eid, row in self._rows.items() if row["state"] == ONLINE
-                        and self._vouched(eid) and row["tokenizer_fingerprint"] == fingerprint]
+                ids = self._index.sample(fingerprint, size, self._sampler)
+                return [_candidate(eid, self._rows[eid]) for eid in sorted(ids, key=self._registration_order)]
             chosen: dict[str, None] = {}
             for eid in keep:  # the kept experts fill at most three quarters, the rest explores
                 if len(chosen) >= size * 3 // 4:
@@ -348,7 +348,9 @@ class Registry:
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be finite and >= 0, got {weight}")
         with self._lock:
-            self._row(expert_id)["weight"] = float(weight)
+            row = self._row(expert_id)
+            row["weight"] = float(weight)
+            self._reindex(row)
             self._dirty.add(expert_id)
         self.flush()
 
@@ -490,10 +492,13 @@ class Registry:
 
     def _reindex(self, row: dict) -> None:
         eid = row["expert_id"]
-        if row["state"] == ONLINE and self._vouched(eid):
+        if row["state"] == ONLINE and row["weight"] > 0 and self._vouched(eid):
             self._index.add(eid, row["tokenizer_fingerprint"])
         else:
             self._index.discard(eid)
+
+    def _registration_order(self, expert_id: str) -> tuple[float, str]:
+        return self._rows[expert_id]["registered_at"], expert_id
 
     def _vouched(self, expert_id: str) -> bool:
         return expert_id in self._checked or expert_id in self._shared
