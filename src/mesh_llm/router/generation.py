@@ -545,11 +545,11 @@ class Generation:
         return [c for c in candidates if c.expert_id in self.allow] if self.allow else candidates
 
     def _rank(self, state: _State) -> list[Candidate]:
-        # a bounded sample of the family (the experts holding this session first) keeps per-token cost flat in N
         def of_family(pool: list[Candidate]) -> list[Candidate]:
             return self.trust.annotate([c for c in pool if c.tokenizer_fingerprint == self.fingerprint
                                         and c.expert_id in self.usable])
 
+        # a bounded sample of the family (the experts holding this session first) keeps per-token cost flat in N
         pool = (self._allowed(self.registry.candidates()) if self.allow else
                 self.registry.sample_candidates(self.fingerprint, RANK_SAMPLE, keep=state.held))
         family = of_family(pool)
