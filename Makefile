@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast install clean browser
+.PHONY: demo test test-fast install clean browser lint
 
 $(STAMP): pyproject.toml setup.py $(wildcard proto/mesh_llm/v1/*.proto)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mesh demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q -rs
+
+# ruff over the code, mypy --strict over the pure maths (mixing/, wire.py): settings in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check src tests experiments
+	$(BIN)/mypy
 
 # the console test drives Debian's Chromium; without root or apt it skips and says why
 browser:

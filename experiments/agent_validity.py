@@ -28,13 +28,13 @@ from mesh_llm.agent import observe, usefulness
 from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.schema import OutputProblem, check
 from mesh_llm.agent.tasks import ROTATION, TASK_TYPES, TaskStore
-from mesh_llm.testing.agent import governance_folder
 from mesh_llm.expert.server import ExpertConfig, resolve_join, start_expert
 from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import add_member
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.node import RouterConfig, start_router
+from mesh_llm.testing.agent import governance_folder
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"
 

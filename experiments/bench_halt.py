@@ -33,9 +33,9 @@ import numpy as np
 from mesh_llm.governance import convert
 from mesh_llm.governance.keys import public_key_b64
 from mesh_llm.governance.policy import add_member
-from mesh_llm.testing.governance import make_signers
 from mesh_llm.grpc_util import channel
 from mesh_llm.pb import governance_pb2_grpc, router_pb2, router_pb2_grpc
+from mesh_llm.testing.governance import make_signers
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"
 MEMBERS = ["alice", "bob", "carol"]
@@ -47,8 +47,8 @@ async def start_mesh(args: argparse.Namespace, work: Path):
     """Start a router and args.experts experts in this process; return (router address, async stop())."""
     from mesh_llm.expert.server import ExpertConfig, start_expert
     from mesh_llm.models.loading import LoadOptions, load
-    from mesh_llm.testing.tiny_model import build_tiny_llama
     from mesh_llm.node import RouterConfig, start_router
+    from mesh_llm.testing.tiny_model import build_tiny_llama
 
     if args.model == "tiny":
         model = str(build_tiny_llama(work / "tiny", context=4096))

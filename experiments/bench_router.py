@@ -31,7 +31,6 @@ from mesh_llm.mixing.aggregation import mix  # noqa: E402
 from mesh_llm.mixing.sampling import Sampler, SamplingConfig  # noqa: E402
 from mesh_llm.mixing.selection import Candidate, get_policy  # noqa: E402
 from mesh_llm.wire import SparseDist  # noqa: E402
-
 from meshlab.common import command_line, machine_info, pct  # noqa: E402
 from meshlab.data import apache_license_text  # noqa: E402
 from meshlab.lab import ExpertPlan, LabMesh  # noqa: E402
@@ -124,7 +123,7 @@ async def k1_against_in_process(model: str, loaded, *, tokens: int, rounds: int,
             gaps = np.diff([t.at_s for t in record.tokens])
             mesh_tps.append(len(gaps) / float(np.sum(gaps)))
             same.append(got == local[: len(got)])
-    ratios = [m / l for m, l in zip(mesh_tps, local_tps)]
+    ratios = [m / lo for m, lo in zip(mesh_tps, local_tps)]
     return {"mesh_tokens_per_s": mesh_tps, "in_process_tokens_per_s": local_tps, "ratio": ratios,
             "ratio_median": float(np.median(ratios)), "same_tokens": all(same), "launch": launch,
             "expert_threads": threads if launch == "subprocess" else None}

@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mesh_llm.pb import router_pb2  # noqa: E402
-from mesh_llm.router.settings import MeshSettings  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from mesh_llm.pb import router_pb2  # noqa: E402
+from mesh_llm.router.settings import MeshSettings  # noqa: E402
 from meshlab.common import command_line, machine_info, markdown_table, parse_list, write_jsonl  # noqa: E402
 from meshlab.lab import ExpertPlan, LabMesh  # noqa: E402
 from meshlab.netem import LinkSpec  # noqa: E402

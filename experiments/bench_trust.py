@@ -36,12 +36,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from meshlab.common import command_line
 
 from mesh_llm.expert.service import ExpertService
 from mesh_llm.pb import expert_pb2
 from mesh_llm.router.trust import TrustBook, TrustConfig, compare, verdicts
 from mesh_llm.wire import SparseDist, decode_topk, encode_topk
+from meshlab.common import command_line
 
 LIES = ("shuffle", "onehot", "other")
 TOP_K = 64
@@ -112,7 +112,10 @@ def _summary(rows: list) -> dict:
     kl = np.array([c.kl for c in rows])
     gap = np.array([c.top1_gap for c in rows])
     corr = np.array([c.correlation for c in rows])
-    pct = lambda a, q: round(float(np.percentile(a, q)), 4)
+
+    def pct(a, q):
+        return round(float(np.percentile(a, q)), 4)
+
     return {"n": len(rows), "kl_p50": pct(kl, 50), "kl_p99": pct(kl, 99), "kl_max": round(float(kl.max()), 4),
             "kl_min": round(float(kl.min()), 4), "gap_p50": pct(gap, 50), "gap_p99": pct(gap, 99),
             "gap_max": round(float(gap.max()), 4), "gap_min": round(float(gap.min()), 4),
@@ -148,9 +151,8 @@ def calibrate(model: str, other: str | None, positions: int, nf4: bool) -> dict:
 
 def robust_gain(model: str, positions: int) -> dict:
     """Teacher-forced NLL of float32 + bfloat16 + one lie mixed by `linear` and by `robust`, and of the honest pair."""
-    from meshlab.data import apache_license_text
-
     from mesh_llm.mixing.aggregation import mix
+    from meshlab.data import apache_license_text
 
     variants = _variants(model, False)
     f32 = variants["float32"]
@@ -258,8 +260,8 @@ def _step_calls(router) -> float:
 async def _mesh(services: list, workdir: Path):
     """A router spot-checking every round (K=2) with these expert services joined; yields (router, stub, links)."""
     from mesh_llm.grpc_util import channel
-    from mesh_llm.pb import router_pb2_grpc
     from mesh_llm.node import RouterConfig, start_router
+    from mesh_llm.pb import router_pb2_grpc
     from mesh_llm.router.settings import MeshSettings
 
     settings = MeshSettings(default_k=2, spot_check=1.0, default_top_k=TOP_K, default_extra=0)
@@ -312,7 +314,10 @@ async def liar_run(model: str, other: str | None, lie: str, tokens: int, workdir
     async with _mesh(services, workdir) as (router, stub, links):
         liar = links[-1]
         book = trust_book(router.registry)
-        caught = lambda: any(r.quarantined for r in book.rows() if r.expert_id == liar.expert_id)
+
+        def caught():
+            return any(r.quarantined for r in book.rows() if r.expert_id == liar.expert_id)
+
         checks = generations = 0
         while not caught() and generations < 50:  # every round is spot-checked: rounds = checks
             toks, _, _ = await _generate(stub, until=caught, prompt="The capital of France is",

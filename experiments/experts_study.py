@@ -48,7 +48,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from meshlab.common import _jsonable, command_line, machine_info, markdown_table
 
 from mesh_llm.paths import mesh_home
 from mesh_llm.router.posterior import (
@@ -57,6 +56,7 @@ from mesh_llm.router.posterior import (
     mixing_weights,
     posterior,
 )
+from meshlab.common import _jsonable, command_line, machine_info, markdown_table
 
 DOMAINS = {"python": "py-expert", "legal": "legal-expert", "man": "man-expert", "prose": "prose-expert"}
 TEMPERATURES = (0.03, 0.1, 0.3, 1.0)
@@ -787,10 +787,10 @@ def run_arc(models: dict, base: str, names: Sequence[str], args, cache: Path | N
 def tiny_setup(folder: Path, domains: Sequence[str]) -> tuple[str, list[str], Path, list]:
     """Tiny base + experts (the base with its last layer re-drawn per expert) and synthetic held-out text and questions."""
     import torch
-    from meshlab.data import MCQuestion
     from transformers import AutoModelForCausalLM
 
     from mesh_llm.testing.tiny_model import CORPUS, build_tiny_llama
+    from meshlab.data import MCQuestion
 
     base = build_tiny_llama(folder / "base", seed=0, layers=3)
     experts = []

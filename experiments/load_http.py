@@ -26,8 +26,8 @@ import openai
 import psutil
 
 from mesh_llm.api import ApiConfig, start_api
-from mesh_llm.router.registry import RegistryConfig
 from mesh_llm.node import RouterConfig, start_router
+from mesh_llm.router.registry import RegistryConfig
 from mesh_llm.router.settings import MeshSettings
 
 PROMPTS = ("The capital of France is", "Write a haiku about rivers.", "A mesh of experts", "Rivers flow to the",

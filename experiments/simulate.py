@@ -33,11 +33,10 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mesh_llm.grpc_util import channel  # noqa: E402
-from mesh_llm.pb import router_pb2_grpc  # noqa: E402
 from mesh_llm.mixing.selection import get_policy  # noqa: E402
 from mesh_llm.node import RouterConfig, start_router  # noqa: E402
+from mesh_llm.pb import router_pb2_grpc  # noqa: E402
 from mesh_llm.router.settings import MeshSettings  # noqa: E402
-
 from meshlab.common import command_line, machine_info, parse_list, pct, write_jsonl  # noqa: E402
 from meshlab.data import apache_license_text  # noqa: E402
 from meshlab.lab import stream_generate  # noqa: E402

@@ -11,8 +11,8 @@ import torch
 from mesh_llm.expert.server import ExpertConfig, RunningExpert, resolve_join, start_expert
 from mesh_llm.grpc_util import channel
 from mesh_llm.models.loading import LoadOptions
-from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.node import RouterConfig, RunningRouter, start_router
+from mesh_llm.pb import router_pb2, router_pb2_grpc
 
 
 @dataclass

@@ -13,13 +13,13 @@ from mesh_llm.agent import schema
 from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.measure import Tolerances
 from mesh_llm.agent.tasks import ROTATION, TASK_TYPES, TaskStore
-from mesh_llm.testing.agent import governance_folder, signed_vote
 from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import add_member
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.testing.tiny_model import build_tiny_llama
 from mesh_llm.node import RouterConfig
+from mesh_llm.testing.agent import governance_folder, signed_vote
+from mesh_llm.testing.tiny_model import build_tiny_llama
 from tests.mesh_helpers import local_mesh
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"

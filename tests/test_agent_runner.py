@@ -9,8 +9,8 @@ import time
 import pytest
 
 from mesh_llm.agent.runner import Runner, RunnerConfig
-from mesh_llm.testing.agent import signed_halt
 from mesh_llm.errors import MeshError
+from mesh_llm.testing.agent import signed_halt
 from tests.test_agent_loop import agent_mesh, long_tiny  # noqa: F401
 
 

@@ -9,13 +9,13 @@ import pytest
 from mesh_llm.agent import schema
 from mesh_llm.agent.loop import Agent, AgentConfig
 from mesh_llm.agent.tasks import TaskStore
-from mesh_llm.testing.agent import governance_folder
 from mesh_llm.governance import keys
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import add_member
 from mesh_llm.models.catalog import DEFAULT_MODEL
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.node import RouterConfig
+from mesh_llm.testing.agent import governance_folder
 from tests.mesh_helpers import local_mesh
 from tests.real_model import real_mesh_home  # noqa: F401
 

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from mesh_llm.agent import service as agent_service
 from mesh_llm.agent.tasks import MAX_CONTEXT_BYTES, QUEUED, RUNNING, TaskRefused, TaskStore
-from mesh_llm.testing.agent import governance_folder, signed_halt
 from mesh_llm.cli import agent_cmd
 from mesh_llm.governance.audit import rows, verify
 from mesh_llm.governance.core import Governance
@@ -19,6 +18,7 @@ from mesh_llm.grpc_util import channel, new_server
 from mesh_llm.pb import agent_pb2 as pb
 from mesh_llm.pb import agent_pb2_grpc as pb_grpc
 from mesh_llm.store.db import open_engine
+from mesh_llm.testing.agent import governance_folder, signed_halt
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"
 

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from mesh_llm.agent import usefulness
 from mesh_llm.agent.observe import from_status
 from mesh_llm.agent.progress import Progress, TextProgress
-from mesh_llm.testing.agent import signed_vote
 from mesh_llm.cli import main
 from mesh_llm.pb import router_pb2
+from mesh_llm.testing.agent import signed_vote
 from tests.test_agent_loop import _run, agent_mesh, long_tiny  # noqa: F401  (fixture)
 
 PROMPT_LINE = "- e-aaa (fast) online, rtt 41.2 ms, 0 failures, 9.5 tok/s, weight 1, 120 tokens served"

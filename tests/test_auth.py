@@ -11,12 +11,11 @@ from mesh_llm.auth import Credentials, expert_token
 from mesh_llm.errors import MeshError
 from mesh_llm.expert.server import advertised_address
 from mesh_llm.grpc_util import channel
-from mesh_llm.pb import agent_pb2, agent_pb2_grpc, expert_pb2, expert_pb2_grpc
+from mesh_llm.node import RouterConfig
+from mesh_llm.pb import agent_pb2, agent_pb2_grpc, expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from mesh_llm.pb import governance_pb2 as gpb
 from mesh_llm.pb import governance_pb2_grpc as gpb_grpc
-from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.metrics import router_metrics
-from mesh_llm.node import RouterConfig
 from tests.mesh_helpers import local_mesh
 
 API_KEY = "client-key-123456"

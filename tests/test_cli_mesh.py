@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from typer.testing import CliRunner
 
+from mesh_llm.cli.display import STATUS_COLUMNS, status_table
 from mesh_llm.invite import decode_invite
 from mesh_llm.pb import router_pb2
-from mesh_llm.cli.display import STATUS_COLUMNS, status_table
 from tests.real_model import free_port
 
 

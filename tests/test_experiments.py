@@ -37,7 +37,6 @@ def tiny_experts(tiny_model_dir, tiny_model_dir_b):
 
 def test_quality_mixtures_agree_with_single_experts_and_the_dense_reference(tiny_experts):
     from mesh_llm.testing.tiny_model import CORPUS
-
     from meshlab.data import MCQuestion
     from meshlab.scoring import score_sequence, sparse_reply, sparse_target_logprobs
 
@@ -79,7 +78,6 @@ def test_quality_mixtures_agree_with_single_experts_and_the_dense_reference(tiny
 
 def test_weighted_pairs_are_chosen_on_one_text_and_scored_on_another(tiny_experts):
     from mesh_llm.testing.tiny_model import CORPUS
-
     from meshlab.scoring import dense_target_logprobs, score_sequence
     from meshlab.weighting import weight_grid, weighted_linear_nll, weighted_rows
 

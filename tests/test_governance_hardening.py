@@ -23,14 +23,14 @@ from mesh_llm.governance.errors import KeyStoreError, ProposalClosed, ReplayedNo
 from mesh_llm.governance.policy import add_member, governance_dir, load_policy, trust_root
 from mesh_llm.governance.service import start_server
 from mesh_llm.governance.signing import sign
-from mesh_llm.testing.governance import manual_governance
 from mesh_llm.grpc_util import channel
+from mesh_llm.node import RouterConfig, saved_secret, start_router
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import governance_pb2 as gpb
 from mesh_llm.pb import governance_pb2_grpc as gpb_grpc
 from mesh_llm.pb import router_pb2
-from mesh_llm.node import RouterConfig, saved_secret, start_router
 from mesh_llm.store.governance_tables import nonces
+from mesh_llm.testing.governance import manual_governance
 from tests.mesh_helpers import local_mesh
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"

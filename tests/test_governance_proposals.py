@@ -9,11 +9,16 @@ import pytest
 
 from mesh_llm.governance.actions import ActionRegistry
 from mesh_llm.governance.errors import (
-    ActionError, DoubleVote, InvalidProposal, PhaseForbidden, ProposalClosed, UnknownProposal,
+    ActionError,
+    DoubleVote,
+    InvalidProposal,
+    PhaseForbidden,
+    ProposalClosed,
+    UnknownProposal,
 )
 from mesh_llm.governance.policy import load_policy
-from mesh_llm.testing.governance import manual_governance, open_governance
 from mesh_llm.governance.tiers import Bound, ProposalIn, Tier
+from mesh_llm.testing.governance import manual_governance, open_governance
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml")
 DAY = 86400.0

@@ -22,13 +22,13 @@ from mesh_llm.cli.display import status_table
 from mesh_llm.cli.main import app
 from mesh_llm.expert.engine import StepEngine
 from mesh_llm.governance import audit
-from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.mixing.aggregation import densify, divergences, full_vocab_mix, mix
-from mesh_llm.router.metrics import router_metrics
-from mesh_llm.router.registry import QUARANTINED
 from mesh_llm.mixing.selection import Candidate, RandomPolicy
+from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.node import RouterConfig
 from mesh_llm.pb import router_pb2
+from mesh_llm.router.metrics import router_metrics
+from mesh_llm.router.registry import QUARANTINED
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.trust import (
     QUARANTINE_EVENT,
@@ -229,7 +229,10 @@ async def test_trust_scales_the_mixing_weight_like_the_operator_weight(tiny_load
         registry, book = mesh.router.registry, trust_book(mesh.router.registry)
         first = mesh.experts[0].link.expert_id
         fields = {"prompt": PROMPT, "max_tokens": 6, "k": 2, "seed": 3, "temperature": 1.0}
-        logprobs = lambda tokens: [round(t.logprob, 9) for t in tokens]
+
+        def logprobs(tokens):
+            return [round(t.logprob, 9) for t in tokens]
+
         full, _ = await mesh.generate(**fields)
         book.record({first: (False, "test")})
         trusted, _ = await mesh.generate(**fields)

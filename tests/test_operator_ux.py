@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 
 from mesh_llm.api.console import console_html
 from mesh_llm.cli import main
+from mesh_llm.cli.display import StreamPrinter
 from mesh_llm.governance import keys
 from mesh_llm.governance.policy import add_member
 from mesh_llm.models.convert import MANIFEST, ensure_converted, is_converted
-from mesh_llm.pb import router_pb2
-from mesh_llm.cli.display import StreamPrinter
 from mesh_llm.node import RouterConfig
+from mesh_llm.pb import router_pb2
 from tests.mesh_helpers import local_mesh
 from tests.test_concurrent_pull import _default_model_wheel, _offline_pip, tiny_gguf  # noqa: F401  (fixture)
 

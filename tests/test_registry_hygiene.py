@@ -6,9 +6,9 @@ import asyncio
 
 from sqlalchemy import func, select
 
+from mesh_llm.node import RouterConfig
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.registry import ExpertSpec, Registry, RegistryConfig
-from mesh_llm.node import RouterConfig
 from mesh_llm.store.db import open_engine
 from mesh_llm.store.registry_tables import experts
 from tests.mesh_helpers import local_mesh

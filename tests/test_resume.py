@@ -17,8 +17,8 @@ import pytest
 from mesh_llm.expert.server import ExpertConfig, resolve_join, start_expert
 from mesh_llm.grpc_util import channel
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.node import RouterConfig
+from mesh_llm.pb import router_pb2, router_pb2_grpc
 from tests.mesh_helpers import local_mesh
 
 PROMPT = "The capital of France is"

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.testing.tiny_model import build_tiny_llama
 from mesh_llm.pb import router_pb2
+from mesh_llm.testing.tiny_model import build_tiny_llama
 from tests.mesh_helpers import greedy_reference, local_mesh
 
 PROMPT = "The capital of France is"

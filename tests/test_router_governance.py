@@ -16,10 +16,10 @@ from mesh_llm.governance import convert, keys
 from mesh_llm.governance.policy import add_member
 from mesh_llm.governance.signing import sign
 from mesh_llm.grpc_util import channel
+from mesh_llm.node import RouterConfig
 from mesh_llm.pb import governance_pb2 as gpb
 from mesh_llm.pb import governance_pb2_grpc as gpb_grpc
 from mesh_llm.pb import router_pb2
-from mesh_llm.node import RouterConfig
 from tests.mesh_helpers import local_mesh
 
 REPO_GOV = Path(__file__).resolve().parents[1] / "governance"

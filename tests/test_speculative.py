@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.testing.tiny_model import build_tiny_llama
-from mesh_llm.router.drafting import NgramDrafter, UnknownDrafter, parse_draft
 from mesh_llm.mixing.sampling import Sampler, SamplingConfig
+from mesh_llm.models.loading import LoadOptions, load
+from mesh_llm.router.drafting import NgramDrafter, UnknownDrafter, parse_draft
 from mesh_llm.router.speculation import GammaController
+from mesh_llm.testing.tiny_model import build_tiny_llama
 from mesh_llm.wire import SparseDist
 from tests.mesh_helpers import local_mesh
 

@@ -17,7 +17,6 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, delete, inspect
 from mesh_llm.agent.tasks import TaskStore
 from mesh_llm.governance.core import Governance
 from mesh_llm.governance.policy import load_policy
-from mesh_llm.testing.governance import make_signers
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.checkpoints import CheckpointStore, ResumeRefused, Snapshot
 from mesh_llm.router.credits import CreditLedger
@@ -25,6 +24,7 @@ from mesh_llm.router.registry import ExpertSpec, Registry
 from mesh_llm.store import dialect
 from mesh_llm.store.db import STORE_ENV, StoreUnavailable, default_db_url, open_engine
 from mesh_llm.store.migrate import current_version, discover, schema_version, upgrade
+from mesh_llm.testing.governance import make_signers
 
 POLICY = load_policy(Path(__file__).resolve().parents[1] / "governance" / "policy.toml")
 SPEC = ExpertSpec(model_id="tiny", tokenizer_fingerprint="fp-a", vocab_size=512, context_limit=256,
@@ -211,8 +211,8 @@ async def _eventually(predicate, timeout: float = 3.0) -> float:
 
 async def test_an_action_applied_through_one_router_changes_the_settings_of_another(store_url, tmp_path):
     from mesh_llm.grpc_util import channel
-    from mesh_llm.pb import governance_pb2_grpc
     from mesh_llm.node import RouterConfig, start_router
+    from mesh_llm.pb import governance_pb2_grpc
     from tests.test_router_governance import _approve, _gov_dir, _halt
 
     config = RouterConfig(port=0, db_url=store_url, secret="s3cret", governance_dir=_gov_dir(tmp_path, phase=2),

@@ -20,8 +20,8 @@ from mesh_llm.expert.server import ExpertConfig, start_expert
 from mesh_llm.grpc_util import CertificateMismatch, TlsFiles, channel
 from mesh_llm.invite import decode_invite
 from mesh_llm.models.loading import LoadOptions
-from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.node import RouterConfig, start_router
+from mesh_llm.pb import router_pb2, router_pb2_grpc
 
 
 def self_signed(folder: Path, name: str) -> TlsFiles:

@@ -31,11 +31,11 @@ from mesh_llm.expert.service import ExpertService
 from mesh_llm.grpc_util import bind, new_server
 from mesh_llm.models.fingerprint import tokenizer_fingerprint
 from mesh_llm.models.loading import LoadOptions, load
-from mesh_llm.testing.tiny_model import build_tiny_llama
+from mesh_llm.node import RouterConfig
 from mesh_llm.pb import expert_pb2, expert_pb2_grpc, router_pb2
 from mesh_llm.router.generation import plan_from_request
-from mesh_llm.node import RouterConfig
 from mesh_llm.router.settings import MeshSettings
+from mesh_llm.testing.tiny_model import build_tiny_llama
 from tests.api_helpers import api_mesh
 from tests.expert_helpers import running_expert
 from tests.mesh_helpers import greedy_reference, local_mesh

@@ -14,8 +14,8 @@ import numpy as np
 from mesh_llm.expert.server import ExpertConfig, RunningExpert, start_expert
 from mesh_llm.grpc_util import channel
 from mesh_llm.models.loading import LoadOptions
-from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.node import RouterConfig, RunningRouter, start_router
+from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.settings import MeshSettings
 
 SECRET = "exact-scoring"

@@ -15,11 +15,10 @@ from pathlib import Path
 from mesh_llm.expert.server import ExpertConfig, RunningExpert, start_expert
 from mesh_llm.grpc_util import channel
 from mesh_llm.models.loading import LoadedModel, LoadOptions
+from mesh_llm.node import RouterConfig, RunningRouter, start_router
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.registry import RegistryConfig
-from mesh_llm.node import RouterConfig, RunningRouter, start_router
 from mesh_llm.router.settings import MeshSettings
-
 from meshlab.netem import DelayProxy, LinkSpec, NetemNetwork, choose_backend
 
 log = logging.getLogger(__name__)

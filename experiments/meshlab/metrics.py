@@ -7,7 +7,6 @@ import math
 import numpy as np
 
 from mesh_llm.pb import expert_pb2
-
 from meshlab.common import mean, pct
 from meshlab.lab import GenRecord
 

@@ -77,7 +77,8 @@ def bind(server: grpc.aio.Server, host: str, port: int, tls: TlsFiles | None = N
             creds = grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())])
             bound = server.add_secure_port(address, creds)
     except RuntimeError as exc:
-        raise MeshError(f"could not listen on {address} ({exc}); is the port in use? pick another with --port") from None
+        raise MeshError(f"could not listen on {address} ({exc}); is the port in use? "
+                        "pick another with --port") from None
     if bound == 0:
         raise MeshError(f"could not listen on {address}; is the port in use? pick another with --port")
     return bound

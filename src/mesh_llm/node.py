@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from prometheus_client import Counter
 
 from mesh_llm.agent import service as agent_service
@@ -25,8 +26,8 @@ from mesh_llm.router.credits import CreditLedger, CreditPolicy
 from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import Registry, RegistryConfig
 from mesh_llm.router.service import RouterService
-from mesh_llm.router.shared_settings import ActionFollower, follow
 from mesh_llm.router.settings import MeshSettings
+from mesh_llm.router.shared_settings import ActionFollower, follow
 from mesh_llm.store.db import open_engine
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class RouterConfig:
 
 @dataclass(kw_only=True)
 class RunningRouter:
-    server: object  # grpc.aio.Server
+    server: grpc.aio.Server  # serving every service of the node
     port: int  # port bound
     service: RouterService  # the servicer
     registry: Registry  # experts

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mesh_llm.pb import expert_pb2
 
-_DTYPES = {expert_pb2.LOGPROB_F32: np.dtype("<f4"), expert_pb2.LOGPROB_F16: np.dtype("<f2")}
+_DTYPES: dict[int, np.dtype[Any]] = {expert_pb2.LOGPROB_F32: np.dtype("<f4"), expert_pb2.LOGPROB_F16: np.dtype("<f2")}
 
 
 class MalformedDistribution(ValueError):

@@ -15,7 +15,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mesh_llm.agent import observe, schema as schema_mod, usefulness
+from mesh_llm.agent import observe, usefulness
+from mesh_llm.agent import schema as schema_mod
 from mesh_llm.agent.family import Families, Family
 from mesh_llm.agent.measure import Tolerances, measure, metric_for, regression
 from mesh_llm.agent.progress import Progress
@@ -23,8 +24,22 @@ from mesh_llm.agent.prompt import build_prompt
 from mesh_llm.agent.sandbox import PROBE_TEXT, Sandbox
 from mesh_llm.agent.subsets import SubsetView
 from mesh_llm.agent.tasks import (
-    APPLIED, AWAITING_REVIEW, AWAITING_VOTES, DONE, FAILED, INTERRUPTED, REFUSED, REJECTED, REPORTED, REVERTED,
-    RUNNING, SANDBOX_FAILED, SANDBOX_PASSED, WAITING, TaskRecord, TaskStore,
+    APPLIED,
+    AWAITING_REVIEW,
+    AWAITING_VOTES,
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    REFUSED,
+    REJECTED,
+    REPORTED,
+    REVERTED,
+    RUNNING,
+    SANDBOX_FAILED,
+    SANDBOX_PASSED,
+    WAITING,
+    TaskRecord,
+    TaskStore,
 )
 from mesh_llm.errors import MeshError
 from mesh_llm.governance import phases

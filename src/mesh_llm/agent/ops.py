@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from mesh_llm.agent.progress import Progress
-from mesh_llm.agent.runner import RunnerConfig, RunReport, Runner
+from mesh_llm.agent.runner import Runner, RunnerConfig, RunReport
 from mesh_llm.agent.tasks import MAX_CONTEXT_BYTES, TaskRecord, TaskStore
 from mesh_llm.errors import MeshError
 from mesh_llm.grpc_util import channel

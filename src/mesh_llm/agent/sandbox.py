@@ -15,12 +15,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
 from mesh_llm.agent.family import Families
 from mesh_llm.errors import MeshError
 from mesh_llm.grpc_util import channel
-from mesh_llm.pb import expert_pb2, expert_pb2_grpc, router_pb2
 from mesh_llm.mixing.aggregation import mix
+from mesh_llm.pb import expert_pb2, expert_pb2_grpc, router_pb2
 from mesh_llm.wire import SparseDist, decode_topk
 
 log = logging.getLogger(__name__)

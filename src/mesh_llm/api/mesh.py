@@ -6,16 +6,22 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from mesh_llm.api.errors import ApiError, from_router
 from mesh_llm.api.schemas import ChatMessage, CommonRequest, CompletionRequest
 from mesh_llm.grpc_util import channel
+from mesh_llm.mixing.selection import pick_family
 from mesh_llm.pb import router_pb2, router_pb2_grpc
 from mesh_llm.router.client import RouterUnavailable, stream_generate
 from mesh_llm.router.metrics import RouterMetrics
-from mesh_llm.mixing.selection import pick_family
+
+if TYPE_CHECKING:  # the API is built on a running router; these are only its types
+    from mesh_llm.governance.core import Governance
+    from mesh_llm.router.registry import Registry
+    from mesh_llm.router.service import RouterService
 
 MESH_MODEL = "mesh"  # the K-of-N mixture over the largest tokenizer family
 FAMILY_PREFIX = "family-"
@@ -24,9 +30,9 @@ FAMILY_PREFIX = "family-"
 @dataclass(kw_only=True)
 class ApiContext:
     router_address: str  # host:port of the router's gRPC server, dialled on loopback
-    registry: object  # the router's Registry (experts, for /v1/models and the console)
-    service: object  # the RouterService (its tokenizer cache and expert pool render chat templates)
-    governance: object  # Governance (halt state for clear errors)
+    registry: Registry  # the router's Registry (experts, for /v1/models and the console)
+    service: RouterService  # the RouterService (its tokenizer cache and expert pool render chat templates)
+    governance: Governance  # Governance (halt state for clear errors)
     metrics: RouterMetrics  # the router's metrics (/metrics, HTTP request counts)
     keys: tuple[str, ...] = ()  # API keys; empty = no key needed
     console: bool = False  # serve /console

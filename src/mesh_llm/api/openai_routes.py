@@ -27,8 +27,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from mesh_llm.api.errors import ApiError
-from mesh_llm.api.mesh import (ApiContext, chat_prompt, finish_error, generate_request, json_schema_of, model_entries,
-                               open_generation, openai_finish, prompt_text, resolve_model, score, score_request)
+from mesh_llm.api.mesh import (
+    ApiContext,
+    chat_prompt,
+    finish_error,
+    generate_request,
+    json_schema_of,
+    model_entries,
+    open_generation,
+    openai_finish,
+    prompt_text,
+    resolve_model,
+    score,
+    score_request,
+)
 from mesh_llm.api.schemas import ChatCompletionRequest, CompletionRequest
 from mesh_llm.grpc_util import DEFAULT_MAX_MESSAGE
 

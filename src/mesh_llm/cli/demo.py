@@ -13,15 +13,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from mesh_llm.cli.display import StreamPrinter, print_stream
 from mesh_llm.errors import MeshError
 from mesh_llm.models.catalog import resolve
 from mesh_llm.models.fetch import pull
 from mesh_llm.models.loading import checkpoint_for
+from mesh_llm.node import RouterConfig, RunningRouter, start_router
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import router_pb2
 from mesh_llm.router.client import stream_generate
-from mesh_llm.cli.display import StreamPrinter, print_stream
-from mesh_llm.node import RouterConfig, RunningRouter, start_router
 
 log = logging.getLogger(__name__)
 

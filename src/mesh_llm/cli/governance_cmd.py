@@ -44,7 +44,8 @@ def _when(ts: float | None) -> str:
 def _echo_halt(state: HaltState) -> None:
     if state.halted:
         typer.echo(f"HALTED (halt {state.halt_id}) by {state.halted_by} at {_when(state.halted_at)}: {state.reason}")
-        typer.echo(f"resume votes {len(state.resume_votes)}/{state.resume_required}: {', '.join(state.resume_votes) or '-'}")
+        voters = ', '.join(state.resume_votes) or '-'
+        typer.echo(f"resume votes {len(state.resume_votes)}/{state.resume_required}: {voters}")
     else:
         typer.echo("running (not halted)")
 

@@ -56,7 +56,8 @@ def serve(
     fill: str = typer.Option("spread", help="Default fill for a token missing from an expert's top-k: spread (its "
                              "leftover mass spread over the ids it did not list), zero or floor."),
     spot_check: float = typer.Option(0.05, help="Fraction of rounds whose replies are compared with other experts "
-                                     "of the same model; experts that keep disagreeing lose trust and are quarantined."),
+                                     "of the same model; experts that keep disagreeing lose trust and are "
+                                     "quarantined."),
     top_k: int = typer.Option(64, help="Default top-k entries asked of each expert."),
     deadline_s: float = typer.Option(10.0, help="Longest wait for one token's expert replies."),
     extra: int = typer.Option(1, help="Default straggler over-selection: ask K+extra experts, mix the first K "
@@ -90,8 +91,8 @@ def serve(
 ) -> None:
     """Serve the Router service and print the invite token donors pass to `mesh-expert serve --join`."""
     from mesh_llm.cli.expert_cmd import stop_on_signals
-    from mesh_llm.router.credits import CreditPolicy
     from mesh_llm.node import RouterConfig, start_router
+    from mesh_llm.router.credits import CreditPolicy
     from mesh_llm.router.settings import MeshSettings
 
     settings = MeshSettings(default_k=k, default_policy=policy, default_mix=mix, default_fill=fill,
@@ -153,8 +154,8 @@ def status(router: str = typer.Option(None, help=ROUTER_HELP),
            show_all: bool = typer.Option(False, "--all", help="Also list experts gone longer than the router's "
                                          "retention period.")) -> None:
     """Experts with health and RTT, the defaults (K, policy, mix), phase, halt state and tokens/s."""
-    from mesh_llm.router.client import router_status
     from mesh_llm.cli.display import status_table
+    from mesh_llm.router.client import router_status
 
     with friendly_errors():
         st = asyncio.run(router_status(_router(router), include_gone=show_all))
@@ -175,7 +176,8 @@ def generate(
     prompt: str = typer.Argument("", help="The prompt (sent through the chat template unless --raw); none with "
                                  "--resume."),
     k: int = typer.Option(0, help="Experts mixed per token (0: router default)."),
-    policy: str = typer.Option("", help="random, capacity, latency, posterior or posterior-prompt (default: router's)."),
+    policy: str = typer.Option("", help="random, capacity, latency, posterior or posterior-prompt "
+                               "(default: router's)."),
     mix: str = typer.Option("", help="linear, geometric or robust (default: router's)."),
     top_k: int = typer.Option(0, "--top-k", help="Entries asked of each expert (0: router default)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
@@ -196,9 +198,9 @@ def generate(
                                   "register with): a router started with --credit-priority serves you by credits."),
 ) -> None:
     """Generate through the mesh, streaming tokens coloured by the experts that produced them."""
+    from mesh_llm.cli.display import StreamPrinter, print_stream
     from mesh_llm.pb import router_pb2
     from mesh_llm.router.client import router_status, stream_generate
-    from mesh_llm.cli.display import StreamPrinter, print_stream
 
     address = _router(router)
     fields = dict(prompt=prompt, k=k, policy=policy, mix=mix, top_k=top_k, temperature=temperature, top_p=top_p,

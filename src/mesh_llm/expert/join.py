@@ -96,7 +96,8 @@ class RouterLink:
     async def _register(self, stub) -> float:
         reply = await stub.RegisterExpert(router_pb2.RegisterExpertRequest(
             address=self.advertise, info=self.info(), name=self.name, expert_key=self.expert_key,
-            access_key=self.expert_key, tls_fingerprint=self.tls_fingerprint), timeout=5, metadata=Credentials(bearer=self.secret).metadata())
+            access_key=self.expert_key, tls_fingerprint=self.tls_fingerprint), timeout=5,
+            metadata=Credentials(bearer=self.secret).metadata())
         self.expert_id, self.token = reply.expert_id, reply.expert_token
         self.registered.set()
         log.info("registered with router %s as %s", self.router, reply.expert_id)

@@ -15,11 +15,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mesh_llm.expert.engine import StepEngine
 from mesh_llm.auth import EXPERT_KEY_FILE, ExpertAuth, private_key_file
+from mesh_llm.errors import MeshError
+from mesh_llm.expert.engine import StepEngine
 from mesh_llm.expert.join import JoinRefused, RouterLink, outbound_host
 from mesh_llm.expert.metrics import MetricsServer, serve_metrics
-from mesh_llm.errors import MeshError
 from mesh_llm.expert.service import ExpertService
 from mesh_llm.expert.sessions import SessionLimits
 from mesh_llm.grpc_util import TlsFiles, add_health_and_reflection, bind, new_server, set_serving

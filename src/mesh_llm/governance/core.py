@@ -20,14 +20,27 @@ from mesh_llm.governance import audit, integrity, phases
 from mesh_llm.governance import proposals as prop
 from mesh_llm.governance.actions import ActionRegistry
 from mesh_llm.governance.errors import (
-    DoubleVote, GovernanceError, InvalidMessage, InvalidProposal, MeshHalted, NotHalted, PhaseForbidden,
-    PolicyError, ProposalClosed, ReplayedNonce, RoleForbidden, SignatureRefused, UnknownProposal, Unsigned,
+    DoubleVote,
+    GovernanceError,
+    InvalidMessage,
+    InvalidProposal,
+    MeshHalted,
+    NotHalted,
+    PhaseForbidden,
+    PolicyError,
+    ProposalClosed,
+    ReplayedNonce,
+    RoleForbidden,
+    SignatureRefused,
+    UnknownProposal,
+    Unsigned,
 )
 from mesh_llm.governance.keys import parse_public_key
 from mesh_llm.governance.killswitch import HaltPayload, HaltState, HaltSwitch, ResumePayload, current_halt, load_state
 from mesh_llm.governance.policy import Member, PhaseRule, Policy, TrustRoot, load_members, load_policy, trust_root
 from mesh_llm.governance.proposals import ProposalView, ProposePayload, VotePayload
-from mesh_llm.governance.refusals import EVENT as GROUPED_REFUSALS, RefusalDigest
+from mesh_llm.governance.refusals import EVENT as GROUPED_REFUSALS
+from mesh_llm.governance.refusals import RefusalDigest
 from mesh_llm.governance.runner import ActionRunner
 from mesh_llm.governance.signing import SignedMessage, verify
 from mesh_llm.governance.tiers import ProposalIn, Tier
@@ -372,7 +385,8 @@ class Governance:
         self.apply_due()
         return self.proposal(payload.proposal_id)
 
-    def record_sandbox(self, proposal_id: int, *, passed: bool, detail: str = "", actor: str = "sandbox") -> ProposalView:
+    def record_sandbox(self, proposal_id: int, *, passed: bool, detail: str = "",
+                       actor: str = "sandbox") -> ProposalView:
         """Record the automated sandbox validation of a sandbox_test proposal."""
         with self._refusals("sandbox", actor):
             now = self.clock()

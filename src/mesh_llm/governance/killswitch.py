@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
 from sqlalchemy import Connection, select
 
 from mesh_llm.governance.errors import MeshHalted

@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mesh_llm.governance.errors import MemberError, PolicyError

@@ -12,7 +12,7 @@ from mesh_llm.store.dialect import lock_for_writing
 
 @contextlib.contextmanager
 def write_tx(engine: Engine) -> Iterator[Connection]:
-    """A transaction holding the governance write lock from its start (SQLite: BEGIN IMMEDIATE; PostgreSQL: advisory)."""
+    """A transaction holding the governance write lock from its start (SQLite BEGIN IMMEDIATE, PostgreSQL advisory)."""
     with engine.begin() as conn:
         lock_for_writing(conn, "governance")
         yield conn

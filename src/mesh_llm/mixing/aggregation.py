@@ -68,7 +68,8 @@ def normalise_weights(weights: Sequence[float] | np.ndarray | None, n: int) -> n
     total = w.sum()
     if total <= 0:
         raise ValueError("at least one weight must be positive")
-    return w / total
+    normalised: np.ndarray = w / total
+    return normalised
 
 
 def mix(
@@ -88,7 +89,7 @@ def mix(
         return _robust(dists, w, vocab_size, fill)
     if np.any(w == 0):
         keep = np.flatnonzero(w > 0)
-        dists, w = [dists[i] for i in keep], w[keep]
+        dists, w = [dists[int(i)] for i in keep], w[keep]
     k = len(dists)
     lens = np.fromiter((len(d.ids) for d in dists), dtype=np.int64, count=k)
     rest = np.fromiter((d.rest_logmass for d in dists), dtype=np.float64, count=k)
@@ -166,7 +167,8 @@ def _union(all_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[first], where
 
 
-def _fill_logprobs(dists, lens: np.ndarray, rest: np.ndarray, vocab_size: int, fill: str) -> np.ndarray:
+def _fill_logprobs(dists: Sequence[SparseDist], lens: np.ndarray, rest: np.ndarray, vocab_size: int,
+                   fill: str) -> np.ndarray:
     """Per expert: the log-probability given to each union token it did not list."""
     if fill == "zero":
         return np.full(len(lens), -np.inf)
@@ -188,7 +190,8 @@ def _outside_logmass(
     if fill == "zero":
         return rest.copy()
     if fill == "spread":
-        return rest + math.log(vocab_size - size) - np.log(vocab_size - lens)
+        spread: np.ndarray = rest + math.log(vocab_size - size) - np.log(vocab_size - lens)
+        return spread
     missing = size - lens
     with np.errstate(divide="ignore", invalid="ignore"):
         given = np.where(missing > 0, missing * np.exp(fill_lp - rest), 0.0)
@@ -206,10 +209,12 @@ def _logsumexp(x: np.ndarray) -> float:
 def _logsumexp_rows(table: np.ndarray) -> np.ndarray:
     """Log-sum-exp down the expert axis; every column holds at least one finite value."""
     m = table.max(axis=0)
-    return m + np.log(np.exp(table - m).sum(axis=0))
+    total: np.ndarray = m + np.log(np.exp(table - m).sum(axis=0))
+    return total
 
 
-def full_vocab_mix(logprobs: np.ndarray, weights: Sequence[float] | np.ndarray | None = None, rule: str = "linear") -> np.ndarray:
+def full_vocab_mix(logprobs: np.ndarray, weights: Sequence[float] | np.ndarray | None = None,
+                   rule: str = "linear") -> np.ndarray:
     """Reference mix of dense (experts × vocab) log-probability rows into one normalised row."""
     check_rules(rule, "spread")
     dense = np.asarray(logprobs, dtype=np.float64)
@@ -262,7 +267,8 @@ def _symmetric_kl(table: np.ndarray, counts: np.ndarray) -> np.ndarray:
     p = np.exp(table) * counts
     cross = p @ table.T  # cross[i, j] = sum_x p_i(x) log p_j(x)
     kl = np.diag(cross)[:, None] - cross
-    return np.maximum((kl + kl.T) / 2, 0.0)
+    symmetric: np.ndarray = np.maximum((kl + kl.T) / 2, 0.0)
+    return symmetric
 
 
 def outlier(pairwise: np.ndarray) -> int:

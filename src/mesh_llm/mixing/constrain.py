@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ class LLTokenizers:
     def __init__(self) -> None:
         self._cache: dict[str, object] = {}
 
-    def get(self, fingerprint: str, hf_tokenizer) -> object:
+    def get(self, fingerprint: str, hf_tokenizer: Any) -> object:
         """The llguidance tokenizer for a family, built on first use."""
         if fingerprint not in self._cache:
             import llguidance.hf
@@ -36,7 +37,7 @@ class LLTokenizers:
 class SchemaConstraint:
     """Tracks a JSON-schema grammar over the generated tokens and masks the mixed distribution."""
 
-    def __init__(self, ll_tokenizer, schema_text: str, vocab_size: int):
+    def __init__(self, ll_tokenizer: Any, schema_text: str, vocab_size: int) -> None:
         import llguidance
 
         try:

@@ -88,7 +88,7 @@ class Sampler:
 
 
 def sampling_probs(logprobs: np.ndarray, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into logprobs that sampling may pick and their unnormalised probabilities (after temperature, top-k, top-p)."""
+    """Indices into logprobs that sampling may pick, with unnormalised probabilities after temperature, top-k, top-p."""
     if config.temperature == 0 or len(logprobs) == 1:
         return np.array([int(np.argmax(logprobs))]), np.ones(1)
     scaled = logprobs / config.temperature

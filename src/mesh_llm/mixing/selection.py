@@ -2,7 +2,8 @@
 
 A policy returns up to n candidates (K, or K+s when over-selecting for stragglers), most
 preferred first; fewer when fewer are eligible, and the caller reports the degradation. Experts
-with weight 0 or trust 0 (quarantined by spot checks) are never selected. Every policy first orders the candidates by expert_id, so a
+with weight 0 or trust 0 (quarantined by spot checks) are never selected. Every policy first orders the
+candidates by expert_id, so a
 run with the same seed and the same candidates picks the same experts whatever order they came in.
 """
 
@@ -13,7 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -48,7 +49,10 @@ class UnknownPolicy(MeshError, ValueError):
 class SelectionPolicy(Protocol):
     """Chooses up to n of the candidates for one token."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The name the policy is registered under."""
+        ...
 
     def select(
         self, candidates: Sequence[Candidate], n: int, rng: np.random.Generator, context: GateContext | None = None
@@ -75,7 +79,8 @@ def eligible(candidates: Sequence[Candidate]) -> list[Candidate]:
 class RandomPolicy:
     name: str = "random"  # registry name
 
-    def select(self, candidates, n, rng, context=None) -> list[Candidate]:
+    def select(self, candidates: Sequence[Candidate], n: int, rng: np.random.Generator,
+               context: GateContext | None = None) -> list[Candidate]:
         """n candidates drawn uniformly without replacement (the phase-1 default)."""
         pool = eligible(candidates)
         picks = rng.permutation(len(pool))[:n]
@@ -86,7 +91,8 @@ class RandomPolicy:
 class CapacityPolicy:
     name: str = "capacity"  # registry name
 
-    def select(self, candidates, n, rng, context=None) -> list[Candidate]:
+    def select(self, candidates: Sequence[Candidate], n: int, rng: np.random.Generator,
+               context: GateContext | None = None) -> list[Candidate]:
         """n candidates drawn without replacement with odds tokens/s × weight (unknown speed: the median)."""
         pool = eligible(candidates)
         if not pool:
@@ -105,7 +111,8 @@ class LatencyPolicy:
     name: str = "latency"  # registry name
     max_rtt_ms: float = 80.0  # experts with a smoothed RTT above this are not selected
 
-    def select(self, candidates, n, rng, context=None) -> list[Candidate]:
+    def select(self, candidates: Sequence[Candidate], n: int, rng: np.random.Generator,
+               context: GateContext | None = None) -> list[Candidate]:
         """The n lowest-RTT candidates within the bound; unmeasured ones first, ties broken at random."""
         pool = [c for c in eligible(candidates) if not c.rtt_ms > self.max_rtt_ms]
         rtt = np.array([c.rtt_ms if math.isfinite(c.rtt_ms) else -1.0 for c in pool], dtype=np.float64)
@@ -118,7 +125,8 @@ class GatedPolicy:
     gate: LearnedGate  # scores candidates given the context
     name: str = "gate"  # registry name
 
-    def select(self, candidates, n, rng, context=None) -> list[Candidate]:
+    def select(self, candidates: Sequence[Candidate], n: int, rng: np.random.Generator,
+               context: GateContext | None = None) -> list[Candidate]:
         """The n candidates the gate scores highest, ties broken at random."""
         pool = eligible(candidates)
         scores = np.asarray(self.gate(pool, context), dtype=np.float64)
@@ -132,7 +140,8 @@ class GatedPolicy:
 class PosteriorPolicy:
     name: str = "posterior"  # registry name (also registered as posterior-prompt)
 
-    def select(self, candidates, n, rng, context=None) -> list[Candidate]:
+    def select(self, candidates: Sequence[Candidate], n: int, rng: np.random.Generator,
+               context: GateContext | None = None) -> list[Candidate]:
         """Experts not yet scored first (so they get scored), then by posterior given the context; ties at random."""
         pool = eligible(candidates)
         post = (context.posterior if context is not None else None) or {}
@@ -160,7 +169,7 @@ def policy_names() -> list[str]:
     return sorted(_POLICIES)
 
 
-def get_policy(name: str, **options) -> SelectionPolicy:
+def get_policy(name: str, **options: Any) -> SelectionPolicy:
     """The registered policy called name, built with options; UnknownPolicy lists the known names."""
     factory = _POLICIES.get(name)
     if factory is None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mesh_llm.errors import MeshError

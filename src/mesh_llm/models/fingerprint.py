@@ -20,7 +20,7 @@ _BEHAVIOUR_FLAGS = ("add_bos_token", "add_eos_token", "add_prefix_space", "clean
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over the whole tokenizer: model, normalizer, pre/post-processing, decoder, added and special tokens, chat template."""
+    """sha256 of the whole tokenizer: model, normalizer, pre/post-processing, decoder, special tokens, chat template."""
     return hashlib.sha256(_canonical(tokenizer_description(tokenizer)).encode()).hexdigest()
 
 

@@ -128,8 +128,8 @@ def load(options: LoadOptions) -> LoadedModel:
 
 def _nf4_config(compute_dtype):
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise LoadError(f"--quant nf4 needs bitsandbytes ({exc}); pip install bitsandbytes") from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)

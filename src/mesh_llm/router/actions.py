@@ -11,8 +11,8 @@ import math
 
 from mesh_llm.governance.actions import ActionRegistry
 from mesh_llm.governance.errors import ActionError
-from mesh_llm.router.registry import QUARANTINED, Registry
 from mesh_llm.mixing.selection import get_policy
+from mesh_llm.router.registry import QUARANTINED, Registry
 from mesh_llm.router.settings import MeshSettings
 
 log = logging.getLogger(__name__)

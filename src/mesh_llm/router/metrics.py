@@ -11,8 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge,
-                               Histogram, disable_created_metrics, generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 

@@ -21,11 +21,11 @@ import grpc
 import numpy as np
 
 from mesh_llm.errors import StatusError
-from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.mixing.aggregation import normalise_weights
+from mesh_llm.mixing.selection import GateContext, UnknownPolicy, get_policy, pick_family
+from mesh_llm.pb import expert_pb2, router_pb2
 from mesh_llm.router.pool import ExpertPool
 from mesh_llm.router.registry import Registry
-from mesh_llm.mixing.selection import GateContext, UnknownPolicy, get_policy, pick_family
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.steps import Target
 from mesh_llm.router.tokenizers import TokenizerCache

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass
 
 from mesh_llm.mixing.aggregation import check_rules
+from mesh_llm.mixing.selection import get_policy
 from mesh_llm.router.drafting import check_gamma, parse_draft
 from mesh_llm.router.posterior import PosteriorConfig
-from mesh_llm.mixing.selection import get_policy
 
 
 @dataclass(kw_only=True)
@@ -28,7 +28,7 @@ class MeshSettings:
     posterior_floor: float = 0.05  # posterior routing: least mixing weight of a selected expert
     posterior_window: int = 64  # posterior routing: recent scored tokens that count
     family: str = ""  # tokenizer fingerprint mixed when a request names none; "" = the first family checked
-    spot_check: float = 0.0  # fraction of rounds whose replies are compared with referees of the same model (router.trust)
+    spot_check: float = 0.0  # share of rounds whose replies are compared with same-model referees (router.trust)
 
     def posterior_config(self, prompt_only: bool = False) -> PosteriorConfig:
         """Posterior-routing settings as a config (ValueError when out of range)."""

@@ -32,7 +32,7 @@ class _Fit:
             setattr(self, name, getattr(self, name) * DECAY + value)
 
     def line(self, prior_share: float) -> tuple[float, float]:
-        """(intercept, slope); while the drafted counts barely vary, the last fitted slope (or prior_share of the mean round)."""
+        """(intercept, slope); while drafted counts barely vary, the last fitted slope (or prior_share of a round)."""
         mx, my = self.x / self.w, self.y / self.w
         var = self.xx / self.w - mx * mx
         if var > 0.25:

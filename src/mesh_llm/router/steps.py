@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from mesh_llm.errors import MeshError
-from mesh_llm.pb import expert_pb2
+from mesh_llm.pb import expert_pb2, expert_pb2_grpc
 from mesh_llm.wire import MalformedDistribution, SparseDist, decode_topk
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class Halted(MeshError):
 @dataclass(frozen=True, kw_only=True)
 class Target:
     expert_id: str  # registry id
-    stub: object  # ExpertStub on an open channel
+    stub: expert_pb2_grpc.ExpertStub  # on an open channel
     vocab_size: int  # the expert's output rows, for validating its replies
 
 
@@ -122,7 +122,8 @@ async def gather_replies(ranked: Sequence, *, k: int, extra: int, deadline_s: fl
                          halt: asyncio.Event | None, call) -> list[CallResult]:
     """Launch the first k+extra of ranked, replace failures from the rest, stop at k good replies or the deadline.
 
-    Items of ranked need an `expert_id`; `call(item, timeout)` performs one expert call. Returns every launched call's result (late
+    Items of ranked need an `expert_id`; `call(item, timeout)` performs one expert call.
+    Returns every launched call's result (late
     ones as outcome "late"). Raises Halted if `halt` is set meanwhile.
     """
     end = time.perf_counter() + deadline_s

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from mesh_llm.errors import MeshError
+from mesh_llm.mixing.constrain import LLTokenizers
 from mesh_llm.models.fingerprint import tokenizer_fingerprint
 from mesh_llm.paths import mesh_home
 from mesh_llm.pb import expert_pb2
-from mesh_llm.mixing.constrain import LLTokenizers
 
 log = logging.getLogger(__name__)
 MAX_TOKENIZER_BYTES = 64 << 20  # a tokenizer larger than this (all files together) is refused

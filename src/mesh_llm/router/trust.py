@@ -40,9 +40,9 @@ from sqlalchemy import Engine, insert, select, update
 from mesh_llm.governance import audit
 from mesh_llm.governance.tx import write_tx
 from mesh_llm.mixing.aggregation import KL_FLOOR, divergences
+from mesh_llm.mixing.selection import Candidate
 from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import QUARANTINED, Registry
-from mesh_llm.mixing.selection import Candidate
 from mesh_llm.store.trust_tables import expert_trust
 from mesh_llm.wire import SparseDist
 
@@ -129,7 +129,7 @@ class TrustRow:
 
 
 class TrustBook:
-    """Trust per expert, kept in memory and written to the expert_trust table by flush (spot_check calls it when due)."""
+    """Trust per expert, kept in memory, written to the expert_trust table by flush (spot_check calls it when due)."""
 
     def __init__(self, engine: Engine, config: TrustConfig | None = None, *, registry: Registry | None = None,
                  clock: Callable[[], float] = time.time) -> None:
