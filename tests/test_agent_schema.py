@@ -45,6 +45,13 @@ def test_schema_targets_params_and_length_bound():
                 assert classify(BUILTIN_SPECS[kind], p)[0] == BUILTIN_SPECS[kind].tier
 
 
+def test_facts_that_leave_no_room_for_a_reason_or_need_escapes_are_dropped():
+    long = "e-aaa " + "x" * 30
+    s = _schema(rationale_max=40, facts=(*FACTS, long, 'e-aaa said "hi"', FACTS[0]))
+    assert s.facts == FACTS
+    assert _schema(rationale_max=20, facts=FACTS).facts == ()  # nothing fits: free text as before
+
+
 def test_expert_kinds_are_dropped_without_experts():
     s = schema.build([BUILTIN_SPECS["set_expert_weight"], BUILTIN_SPECS["note"]], experts=())
     assert s.kinds == ("note",) and "anyOf" not in s.schema
@@ -70,14 +77,19 @@ def test_check_accepts_ints_for_float_grid_values():
     assert value["params"]["weight"] == 4
 
 
-def test_random_walks_under_the_grammar_always_pass_the_checker(tiny_loaded):
+FACTS = ("e-aaa rtt 41.2 ms", "e-bbb 3 failures", "p90 rtt 380.7 ms")
+
+
+@pytest.mark.parametrize("facts", [(), FACTS])
+def test_random_walks_under_the_grammar_always_pass_the_checker(tiny_loaded, facts):
     """Uniformly random allowed tokens (a worst-case model) always make a checkable, bounded proposal."""
     import llguidance
     import llguidance.hf
 
     tok = tiny_loaded.tokenizer
     ll_tok = llguidance.hf.from_tokenizer(tok)
-    s = _schema(rationale_max=40, text_max=40)
+    s = _schema(rationale_max=40, text_max=40, facts=facts)
+    assert s.facts == facts
     grammar = llguidance.LLMatcher.grammar_from_json_schema(s.schema, defaults={"whitespace_flexible": False})
     rng = random.Random(0)
     kinds = set()
@@ -92,8 +104,12 @@ def test_random_walks_under_the_grammar_always_pass_the_checker(tiny_loaded):
             out.append(token)
             assert len(out) <= s.max_chars, "the output bound must hold for any token choice"
         text = tok.decode(out)
-        kinds.add(schema.check(s, text)["kind"])
+        proposal = schema.check(s, text)
+        kinds.add(proposal["kind"])
         assert len(text) <= s.max_chars
+        if facts:  # a fact, a separator, a space and a reason of its own
+            lead = next(f for f in facts if proposal["rationale"].startswith(f))
+            assert proposal["rationale"][len(lead)] in ",;:" and len(proposal["rationale"]) >= len(lead) + 14
     assert len(kinds) >= 4  # every branch is reachable
 
 

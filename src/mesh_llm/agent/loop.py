@@ -153,7 +153,7 @@ class Agent:
                             f"{snap.phase}, {snap.recent_tokens_per_second:.2f} tokens/s over the last minute")
         status = await router_status(self.config.router)
         scope = self._scope(status, subset)
-        proposal_schema = self.schema_for(task, [e.expert_id for e in scope])
+        proposal_schema = self.schema_for(task, [e.expert_id for e in scope], snap)
         family = await self.families.get(scope[0].tokenizer_fingerprint, [e.address for e in scope])
         prompt, max_tokens = self._fit(task, snap, proposal_schema, family)
         task = self.store.update(task.id, event="agent_prompted", prompt=prompt,
@@ -220,10 +220,12 @@ class Agent:
         main = families.most_common(1)[0][0]
         return sorted((e for e in online if e.tokenizer_fingerprint == main), key=lambda e: e.expert_id)
 
-    def schema_for(self, task: TaskRecord, expert_ids: list[str]) -> schema_mod.ProposalSchema:
-        """The output schema of a task: its kinds the current phase allows, targets among expert_ids."""
+    def schema_for(self, task: TaskRecord, expert_ids: list[str],
+                   snap: observe.Snapshot | None = None) -> schema_mod.ProposalSchema:
+        """A task's output schema: kinds its phase allows, targets among expert_ids, rationale led by a fact of snap."""
+        facts = usefulness.citable_facts(snap, expert_ids) if snap is not None else ()
         return schema_mod.build(self._specs(task), experts=expert_ids, rationale_max=self.config.rationale_max,
-                                text_max=self.config.text_max)
+                                text_max=self.config.text_max, facts=facts)
 
     def _specs(self, task: TaskRecord) -> list:
         rule = self.gov.phase()

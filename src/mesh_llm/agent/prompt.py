@@ -36,9 +36,11 @@ def build_prompt(task_type: str, snap: Snapshot, schema: ProposalSchema, *, cont
     goal = TASK_TYPES[task_type].goal
     actions = "\n".join(_action_line(schema, kind) for kind in schema.kinds)
     extra = f"\nContext from the submitter:\n{context}" if context else ""
+    cite = ("Begin the rationale with the observed value that motivates your choice (an expert and its rtt, "
+            "failures, speed, weight or tokens served), then say why." if schema.facts else
+            "In the rationale, name the observation above that motivates your choice.")
     tail = (f"Task ({task_type}): {goal}\nAllowed actions:\n{actions}\n"
-            "Reply with one JSON object with the keys kind, target, params and rationale. In the rationale, name "
-            "the observation above that motivates your choice.")
+            f"Reply with one JSON object with the keys kind, target, params and rationale. {cite}")
     fixed = len(PREAMBLE) + len(tail) + len(extra) + 32
     state = render(snap, max(budget_chars - fixed, 200))
     return f"{PREAMBLE}\nCluster state:\n{state}{extra}\n{tail}"

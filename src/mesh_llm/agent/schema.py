@@ -3,7 +3,9 @@
 The router masks every sampled token with this schema's grammar, so even a random model can only
 write a proposal that passes check(). Every string is limited to plain characters (no quotes or
 escapes) and a length, and every float to a grid of values inside its bounds, so the longest
-admissible output is known (max_chars) and the generation can be given room for it.
+admissible output is known (max_chars) and the generation can be given room for it. A generated
+rationale begins with one fact observed in the cluster state (facts), so it always cites what was seen;
+check() accepts any bounded rationale (a member's own text need not), and agent.usefulness judges it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 TEXT_CHARS = r"A-Za-z0-9 ,.;:()'/%+=_-"  # characters free text may use: nothing JSON must escape
 EXPERT_TARGET_KINDS = frozenset({"set_expert_weight", "quarantine_expert"})  # target must be an online expert
 MESH_TARGETS = ("mesh", "router")  # targets of kinds that name no fixed target and no expert
+REASON_MIN = 12  # characters of reason a generated rationale gives after its fact
 ENUM_INT_SPAN = 64  # integer ranges up to this many values become enums
 _KEYS = ("kind", "target", "params", "rationale")
 
@@ -70,6 +73,7 @@ class ProposalSchema:
     params: dict[str, dict[str, ParamRule]]  # parameter rules per kind
     rationale_max: int  # longest rationale
     max_chars: int  # characters of the longest admissible output
+    facts: tuple[str, ...] = ()  # observed facts a generated rationale must begin with (none: free text)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -91,6 +95,25 @@ def _text_problem(value: str, max_len: int) -> str | None:
 
 def _text_schema(max_len: int) -> dict:
     return {"type": "string", "pattern": f"^[{TEXT_CHARS}]{{1,{max_len}}}$"}
+
+
+def _literal(text: str) -> str:
+    return "".join("\\" + c if c in ".()+" else c for c in text)  # the regex characters TEXT_CHARS admits
+
+
+def _rationale_schema(max_len: int, facts: tuple[str, ...]) -> dict:
+    """Free text, or text that begins with one of facts when there are any (the whole within max_len)."""
+    if not facts:
+        return _text_schema(max_len)
+    rest = max_len - max(len(f) for f in facts) - 2
+    return {"type": "string",
+            "pattern": f"^(?:{'|'.join(_literal(f) for f in facts)})[,;:] [{TEXT_CHARS}]{{{REASON_MIN},{rest}}}$"}
+
+
+def usable_facts(facts: Iterable[str], rationale_max: int) -> tuple[str, ...]:
+    """The facts a rationale may begin with: plain text, short enough to leave room for a reason."""
+    room = rationale_max - REASON_MIN - 2
+    return tuple(f for f in dict.fromkeys(facts) if 0 < len(f) <= room and _text_problem(f, len(f)) is None)
 
 
 def float_grid(low: float, high: float) -> tuple[float, ...]:
@@ -144,9 +167,10 @@ def targets_of(spec: ActionSpec, experts: Iterable[str]) -> tuple[str, ...]:
 
 
 def build(specs: Iterable[ActionSpec], *, experts: Iterable[str], rationale_max: int = 160,
-          text_max: int = 200) -> ProposalSchema:
-    """anyOf one object per kind: const kind, target enum, bounded params, bounded rationale."""
+          text_max: int = 200, facts: Iterable[str] = ()) -> ProposalSchema:
+    """anyOf one object per kind: const kind, target enum, bounded params, bounded rationale (led by a fact)."""
     experts = tuple(sorted(experts))
+    facts = usable_facts(facts, rationale_max)
     branches, kept, targets, params = [], {}, {}, {}
     for spec in specs:
         allowed = targets_of(spec, experts)
@@ -161,7 +185,7 @@ def build(specs: Iterable[ActionSpec], *, experts: Iterable[str], rationale_max:
                 "target": {"enum": list(allowed)},
                 "params": {"type": "object", "properties": {n: r.schema for n, r in rules.items()},
                            "required": list(rules), "additionalProperties": False},
-                "rationale": _text_schema(rationale_max),
+                "rationale": _rationale_schema(rationale_max, facts),
             },
             "required": list(_KEYS),
             "additionalProperties": False,
@@ -177,7 +201,7 @@ def build(specs: Iterable[ActionSpec], *, experts: Iterable[str], rationale_max:
         longest = max(longest, size)
     schema = branches[0] if len(branches) == 1 else {"anyOf": branches}
     return ProposalSchema(schema=schema, specs=kept, targets=targets, params=params, rationale_max=rationale_max,
-                          max_chars=longest)
+                          max_chars=longest, facts=facts)
 
 
 def check(schema: ProposalSchema, text: str) -> dict:

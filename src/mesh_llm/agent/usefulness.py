@@ -109,3 +109,19 @@ def problems(proposal: dict, *, prompt: str, snap: Snapshot, free_text: tuple[st
         found.append("the rationale cites no observed metric (a number or expert from the cluster state with what it "
                      "measures, e.g. 'rtt 41.2 ms')")
     return found
+
+
+def citable_facts(snap: Snapshot, expert_ids: list[str], limit: int = 40) -> list[str]:
+    """Observed facts about expert_ids and the mesh, phrased so that cited_metrics accepts each one."""
+    facts = []
+    p = snap.rtt_percentiles_ms
+    if p:
+        facts += [f"p50 rtt {p['p50']:.1f} ms", f"p90 rtt {p['p90']:.1f} ms"]
+    facts.append(f"{snap.recent_tokens_per_second:.2f} tokens/s over the last minute")
+    wanted = set(expert_ids)
+    for e in snap.experts:
+        if e.expert_id in wanted:
+            facts += [f"{e.expert_id} rtt {e.rtt_ms:.1f} ms", f"{e.expert_id} {e.failures} failures",
+                      f"{e.expert_id} {e.tokens_per_second:.1f} tok/s", f"{e.expert_id} weight {e.weight:g}",
+                      f"{e.expert_id} {e.tokens_served} tokens served"]
+    return [f for f in facts if cited_metrics(f, snap)][:limit]
