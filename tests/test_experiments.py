@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import math
@@ -220,6 +221,11 @@ def test_heldout_text_is_dated_after_the_cutoff_disjoint_from_training_and_rebui
                  " -- A Maintainer <a@example.org>  Tue, 01 Oct 2024 10:00:00 +0000\n")
     entries = list(heldout.changelog_entries(changelog, "x"))
     assert [e.dated for e in entries] == ["2025-04-07"] and "CVE-2025-1234" in entries[0].text
+    updated = tmp_path / "changelog.Debian.gz"  # a package update puts a newer entry on top
+    updated.write_bytes(gzip.compress(("pkg (3) bookworm; urgency=medium\n\n  * Newer fix.\n\n -- A Maintainer "
+                                       "<a@example.org>  Fri, 04 Dec 2026 10:00:00 +0000\n\n" + changelog).encode()))
+    again = heldout.choose("changelog", recorded={str(updated): {"2025-04-07"}})
+    assert [p.text for p in again] == [entries[0].text]  # the recorded entry only, as the manifest chose it
     notes = "# Notes\n\n## 2.0.0 (2025-02-01)\n\n* New flag.\n\n## 1.0.0 (2024-12-30)\n\n* Old flag.\n"
     sections = list(heldout.release_sections(notes, "x"))
     assert [s.dated for s in sections] == ["2025-02-01"] and "Old flag" not in sections[0].text
@@ -229,13 +235,12 @@ def test_heldout_text_is_dated_after_the_cutoff_disjoint_from_training_and_rebui
     assert not list(heldout.dated_module("# Copyright 2024 Google LLC.\n" + body, "m.py"))
 
     manifest = json.loads(heldout.MANIFEST.read_text())
-    files = [f for g in manifest["genres"].values() for f in g["files"]]
-    paths = [f["path"] for f in files]
-    if not all(Path(f["path"]).exists() and heldout.sha256_file(Path(f["path"])) == f["sha256"] for f in files):
-        with pytest.raises(heldout.HeldoutError, match="--build"):  # another machine's packages: refused, not used
+    paths = [f["path"] for g in manifest["genres"].values() for f in g["files"]]
+    if not all(Path(p).exists() for p in paths):
+        with pytest.raises(heldout.HeldoutError, match="--build"):  # a machine without those packages: refused
             heldout.load_texts()
-        pytest.skip("this machine's files differ from the held-out manifest's (packages of other versions)")
-    texts = heldout.load_texts()
+        pytest.skip("this machine lacks files the held-out manifest names")
+    texts = heldout.load_texts()  # files updated since (a newer changelog entry) still give the recorded text
     assert set(texts) == set(heldout.GENRES) and all(len(t) >= 20_000 for t in texts.values())
     assert all(g["first_date"] >= "2025" for g in manifest["genres"].values())
     man_page = next(p for p in sorted(Path("/usr/share/man/man1").glob("*.gz")) if "gcloud" not in p.name)
