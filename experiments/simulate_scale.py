@@ -3,8 +3,9 @@
     nice -n 10 .venv/bin/python experiments/simulate_scale.py [--sizes 10,100,1000,10000] [--tokens 2000] \\
         [--k 4] [--policy latency] [--out results/simulate_scale.jsonl] [--img-dir research/img]
 
-Each N gets a real Registry on a real SQLite file, N registrations, a heartbeat thread that heartbeats
-every live expert once per interval, and the sweep thread a router server runs. Per token it times the
+Each N gets a real Registry on a real SQLite file, N registrations, a heartbeat from every live expert
+once per interval (evenly spread, handed in between tokens as the router's event loop takes them between
+awaits, not counted as token time), and the sweep thread a router server runs. Per token it times the
 router's ranking as Generation._rank does it (a bounded sample of the family, the experts holding the
 session first, trust annotation, policy ranking) plus the registry bookkeeping of the K replies, and, in
 the same run, the former full scan (every online candidate ranked) as the baseline. Then a share of the
@@ -49,26 +50,30 @@ COLUMNS = [("n", "experts", ""), ("register_per_s", "registrations/s", ".0f"),
            ("unselectable_s_max", "dead out of selection s (max)", ".2f"), ("gone_s_max", "dead gone s (max)", ".2f")]
 
 
-class Heartbeats(threading.Thread):
-    """Heartbeats every live expert once per interval, spread over it, and counts them."""
+class Heartbeats:
+    """Every live expert's heartbeat once per interval, evenly spread, handed in between tokens as the router's
+    event loop would take them between awaits (not timed as token work)."""
 
     def __init__(self, registry: Registry, ids: list[str], interval_s: float) -> None:
-        super().__init__(daemon=True)
         self.registry, self.ids, self.interval_s = registry, ids, interval_s
         self.dead: set[str] = set()
         self.sent = 0
-        self.stopping = threading.Event()
+        self.began = time.perf_counter()
+        self._due = 0  # heartbeats handed in so far, dead experts' skipped turns included
 
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            began = time.perf_counter()
-            for i, eid in enumerate(self.ids):
-                if eid not in self.dead:
-                    self.registry.heartbeat(eid, active_sessions=1)
-                    self.sent += 1
-                if i % 200 == 199:
-                    time.sleep(0)  # let the token loop in, as the event loop would
-            self.stopping.wait(max(0.0, self.interval_s - (time.perf_counter() - began)))
+    def deliver(self) -> None:
+        """Hand in every heartbeat due by now."""
+        due = int((time.perf_counter() - self.began) / self.interval_s * len(self.ids))
+        while self._due < due:
+            eid = self.ids[self._due % len(self.ids)]
+            if eid not in self.dead:
+                self.registry.heartbeat(eid, active_sessions=1)
+                self.sent += 1
+            self._due += 1
+
+    def rate(self) -> float:
+        """Heartbeats handed in per second so far."""
+        return self.sent / (time.perf_counter() - self.began)
 
 
 def sweeper(registry: Registry, stopping: threading.Event) -> None:
@@ -89,10 +94,11 @@ def rank_full_scan(registry, book, policy, rng, held, position):
     return policy.select(family, len(family), rng, GateContext(position=position))
 
 
-def token_times(registry, book, policy, tokens: int, k: int, rank) -> list[float]:
-    """Milliseconds per token of rank plus the registry bookkeeping of K replies."""
+def token_times(registry, book, policy, tokens: int, k: int, rank, beats: Heartbeats) -> list[float]:
+    """Milliseconds per token of rank plus the registry bookkeeping of K replies (heartbeats handed in between)."""
     rng, held, times = np.random.default_rng(0), {}, []
     for position in range(tokens):
+        beats.deliver()
         began = time.perf_counter()
         chosen = rank(registry, book, policy, rng, held, position)[:k]
         for c in chosen:
@@ -110,7 +116,9 @@ def dead_detection(registry: Registry, beats: Heartbeats, share: float) -> tuple
     out_at: dict[str, float] = {}
     gone_at: dict[str, float] = {}
     while len(gone_at) < len(dead) and time.perf_counter() - stopped < 3 * registry.config.gone_after_s:
-        time.sleep(0.05)
+        for _ in range(10):
+            time.sleep(0.005)
+            beats.deliver()
         now = time.perf_counter() - stopped
         for eid in dead:
             state = registry.get(eid).state
@@ -136,16 +144,12 @@ def run_size(n: int, args, tmp: Path) -> dict:
     stopping = threading.Event()
     beats = Heartbeats(registry, ids, registry.config.heartbeat_interval_s)
     sweep = threading.Thread(target=sweeper, args=(registry, stopping), daemon=True)
-    beats.start()
     sweep.start()
-    beat_start = time.perf_counter()
-    sampled = token_times(registry, book, policy, args.tokens, args.k, rank_sampled)
-    scan = token_times(registry, book, policy, max(20, args.tokens // 10), args.k, rank_full_scan)
+    sampled = token_times(registry, book, policy, args.tokens, args.k, rank_sampled, beats)
+    scan = token_times(registry, book, policy, max(20, args.tokens // 10), args.k, rank_full_scan, beats)
     out_s, gone_s = dead_detection(registry, beats, args.dead_share)
-    beat_rate = beats.sent / (time.perf_counter() - beat_start)
-    beats.stopping.set()
+    beat_rate = beats.rate()
     stopping.set()
-    beats.join()
     sweep.join()
     row = {"n": n, "register_per_s": n / register_s, "heartbeat_needed_per_s": (n - len(beats.dead)) / registry.config.heartbeat_interval_s,
            "heartbeat_per_s": beat_rate, "rank_ms_p50": pct(sampled, 50), "rank_ms_p99": pct(sampled, 99),

@@ -94,7 +94,7 @@ def test_sample_builds_no_more_candidates_than_its_size(registry, monkeypatch):
     real = registry_module._candidate
     monkeypatch.setattr(registry_module, "_candidate", lambda eid, row: built.append(eid) or real(eid, row))
     registry.sample_candidates("fp-a", 64, keep=[])
-    assert len(built) == 64
+    assert 48 <= len(built) <= 64 and len(set(built)) == len(built)  # distinct; a repeated draw only costs one
 
 
 def test_simulate_scale_writes_the_curve_and_drops_dead_experts(tmp_path):

@@ -33,6 +33,10 @@ class CandidateIndex:
             ids[pos] = last
             self._where[last] = (fingerprint, pos)
 
+    def holds(self, expert_id: str, fingerprint: str) -> bool:
+        """Whether the expert is indexed under fingerprint."""
+        return self._where.get(expert_id, ("",))[0] == fingerprint
+
     def count(self, fingerprint: str) -> int:
         """How many experts are indexed under fingerprint."""
         return len(self._members.get(fingerprint, ()))
@@ -40,4 +44,8 @@ class CandidateIndex:
     def sample(self, fingerprint: str, size: int, rng: random.Random) -> list[str]:
         """Up to size distinct ids of the fingerprint, drawn at random."""
         ids = self._members.get(fingerprint, [])
-        return list(ids) if len(ids) <= size else rng.sample(ids, size)
+        if len(ids) <= size:
+            return list(ids)
+        if len(ids) < 4 * size:
+            return rng.sample(ids, size)
+        return list(dict.fromkeys(rng.choices(ids, k=size)))  # a rare repeat costs one candidate, not a set per draw

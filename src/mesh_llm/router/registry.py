@@ -128,6 +128,25 @@ def _candidate(expert_id: str, row: dict) -> Candidate:
                      tokens_per_second=row["tokens_per_second"], tokenizer_fingerprint=row["tokenizer_fingerprint"])
 
 
+class _Candidates:
+    """Candidates per expert, rebuilt only when the row's selection fields changed (most stay as they were)."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[tuple, Candidate]] = {}
+
+    def of(self, expert_id: str, row: dict) -> Candidate:
+        """The expert's candidate as its row stands now."""
+        key = (row["rtt_ms"], row["weight"], row["tokens_per_second"], row["tokenizer_fingerprint"])
+        made = self._made.get(expert_id)
+        if made is None or made[0] != key:
+            made = self._made[expert_id] = (key, _candidate(expert_id, row))
+        return made[1]
+
+    def forget(self, expert_id: str) -> None:
+        """Drop a removed expert's candidate."""
+        self._made.pop(expert_id, None)
+
+
 def _from_db(row) -> dict:
     data = dict(row._mapping)
     text = data["eos_token_ids"]
@@ -155,6 +174,7 @@ class Registry:
         self._unanswered: dict[str, int] = {}  # stragglers not waited for since their last good reply
         self._shared: set[str] = set()  # live experts another router on this store registered
         self._index = CandidateIndex()  # online checked experts, for bounded per-token samples
+        self._candidates = _Candidates()
         self._sampler = random.Random()
         now = self.clock()
         self._since = {eid: now for eid in self._rows}  # when each expert entered its current state
@@ -309,18 +329,18 @@ class Registry:
         with self._lock:
             if self._index.count(fingerprint) <= size:
                 ids = self._index.sample(fingerprint, size, self._sampler)
-                return [_candidate(eid, self._rows[eid]) for eid in sorted(ids, key=self._registration_order)]
+                return [self._candidates.of(eid, self._rows[eid]) for eid in sorted(ids, key=self._registration_order)]
             chosen: dict[str, None] = {}
             for eid in keep:  # the kept experts fill at most three quarters, the rest explores
                 if len(chosen) >= size * 3 // 4:
                     break
-                if self._selectable(eid, fingerprint):
+                if self._index.holds(eid, fingerprint):
                     chosen[eid] = None
             for eid in self._index.sample(fingerprint, size, self._sampler):
                 if len(chosen) >= size:
                     break
                 chosen[eid] = None
-            return [_candidate(eid, self._rows[eid]) for eid in chosen]
+            return [self._candidates.of(eid, self._rows[eid]) for eid in chosen]
 
     # operator actions -----------------------------------------------------------------------
 
@@ -468,6 +488,7 @@ class Registry:
         for held in (self._checked, self._answered, self._dirty, self._shared):
             held.discard(expert_id)
         self._index.discard(expert_id)
+        self._candidates.forget(expert_id)
         self._unanswered.pop(expert_id, None)
         self._since.pop(expert_id, None)
         log.info("expert %s at %s replaced by a new registration", expert_id, row["address"])
@@ -502,11 +523,6 @@ class Registry:
 
     def _vouched(self, expert_id: str) -> bool:
         return expert_id in self._checked or expert_id in self._shared
-
-    def _selectable(self, expert_id: str, fingerprint: str) -> bool:
-        row = self._rows.get(expert_id)
-        return (row is not None and row["state"] == ONLINE and self._vouched(expert_id)
-                and row["tokenizer_fingerprint"] == fingerprint)
 
     def _maybe_recover(self, row: dict, now: float) -> None:
         """A heard-from suspect goes online, after the cool-down if it was failing (one more try)."""

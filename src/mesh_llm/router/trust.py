@@ -158,11 +158,10 @@ class TrustBook:
 
     def annotate(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         """The candidates with their trust set, less those quarantined for low trust."""
-        with self._lock:
-            rows = dict(self._rows)
+        with self._lock:  # only the candidates' rows: the book may hold every expert of a large mesh
+            rows = [self._rows.get(c.expert_id) for c in candidates]
         out = []
-        for c in candidates:
-            row = rows.get(c.expert_id)
+        for c, row in zip(candidates, rows):
             if row is not None and row.quarantined:
                 if not self._lifted(c.expert_id):
                     continue
@@ -172,7 +171,8 @@ class TrustBook:
                     self._dirty.add(c.expert_id)
                 log.info("expert %s selectable again: an operator lifted its quarantine", c.expert_id)
                 row = None
-            out.append(replace(c, trust=self.config.initial if row is None else row.trust))
+            trust = self.config.initial if row is None else row.trust
+            out.append(c if c.trust == trust else replace(c, trust=trust))
         return out
 
     def _lifted(self, expert_id: str) -> bool:
