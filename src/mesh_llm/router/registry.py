@@ -504,6 +504,7 @@ class Registry:
         old = row["rtt_ms"]
         alpha = self.config.rtt_alpha
         row["rtt_ms"] = float(rtt_ms) if old is None else (1 - alpha) * old + alpha * float(rtt_ms)
+        self._candidates.of(row["expert_id"], row)  # built here, off the per-token path of the next sample
 
     def _set_state(self, row: dict, state: str, now: float) -> None:
         if row["state"] != state:
