@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -48,10 +49,11 @@ from mesh_llm.governance.errors import GovernanceError, KeyStoreError, MeshHalte
 from mesh_llm.governance.ops import proposal_message, submit_proposal
 from mesh_llm.governance.tiers import ProposalIn, Tier
 from mesh_llm.pb import router_pb2
-from mesh_llm.router.client import DEFAULT_ROUTER, RouterUnavailable, router_status, stream_generate
+from mesh_llm.router.client import DEFAULT_ROUTER, RouterUnavailable, RouterUnreachable, router_status, stream_generate
 
 log = logging.getLogger(__name__)
 
+RESUME_POLL_S = 0.5  # seconds between asking whether a lost router is back
 PROMPT_BUDGETS = (1.0, 0.5, 0.25, 0.1)  # fractions of the prompt budget tried until the prompt fits
 
 
@@ -72,6 +74,8 @@ class AgentConfig:
     tolerances: Tolerances = field(default_factory=Tolerances)  # what counts as a regression after applying
     deadline_s: float = 900.0  # longest one task may run, generation included (`mesh agent run --deadline`)
     reject_noop: bool = True  # refuse proposals that change nothing or cite no observed metric (usefulness.py)
+    resume_wait_s: float = 120.0  # how long a generation whose router went away waits for it to come back (0 = fail)
+    resume_tries: int = 3  # router losses one generation survives by resuming from its last checkpoint
 
 
 class _Stop(Exception):
@@ -264,23 +268,31 @@ class Agent:
             temperature=self.config.temperature, seed=task.id * 7919 + task.attempts,
             json_schema=proposal_schema.text(), expert_ids=[e.expert_id for e in scope],
             model_family=scope[0].tokenizer_fingerprint)
-        self._partial[task.id] = ""
-        done = None
-        count = 0
         self.progress.stage(task.id, "generate", f"asking {request.k} of {len(scope)} experts for up to "
                             f"{max_tokens} tokens")
-        try:
-            async for event in stream_generate(self.config.router, request, timeout=self.config.deadline_s):
-                if event.HasField("token"):
-                    self._partial[task.id] += event.token.text
-                    count += 1
-                    self.progress.tokens(task.id, count)
-                else:
-                    done = event.done
-        except RouterUnavailable as exc:
-            halted = "halted" in str(exc)
-            raise _Stop(INTERRUPTED if halted else FAILED, f"generation refused: {exc}",
-                        "agent_task_interrupted" if halted else "agent_task_failed") from None
+        generation_id, resumes = "", 0
+        while True:
+            self._partial[task.id], count, done = "", 0, None  # a resumed stream replays the checkpointed tokens
+            try:
+                async for event in stream_generate(self.config.router, request, timeout=self.config.deadline_s):
+                    if event.HasField("token"):
+                        generation_id = generation_id or event.token.generation_id
+                        self._partial[task.id] += event.token.text
+                        count += 1
+                        self.progress.tokens(task.id, count)
+                    else:
+                        done = event.done
+                break
+            except RouterUnreachable as exc:
+                if not generation_id or resumes >= self.config.resume_tries or self.config.resume_wait_s <= 0:
+                    raise _Stop(FAILED, f"generation lost: {exc}", "agent_task_failed") from None
+                resumes += 1
+                request = await self._resume_request(task, generation_id, exc, set(request.expert_ids) or
+                                                     {e.expert_id for e in scope})
+            except RouterUnavailable as exc:
+                halted = "halted" in str(exc)
+                raise _Stop(INTERRUPTED if halted else FAILED, f"generation refused: {exc}",
+                            "agent_task_interrupted" if halted else "agent_task_failed") from None
         if done is None:
             raise _Stop(FAILED, "the router closed the stream without a summary", "agent_task_failed")
         raw = done.text
@@ -294,6 +306,28 @@ class Agent:
         if done.finish_reason == "error":
             raise _Stop(FAILED, f"generation failed: {'; '.join(done.notes)}", "agent_task_failed")
         return raw
+
+    async def _resume_request(self, task: TaskRecord, generation_id: str, lost: Exception, experts: set[str]
+                              ) -> router_pb2.GenerateRequest:
+        """Wait for the router and experts to be back; the request continuing generation_id from its checkpoint."""
+        self.store.step(task.id, "agent_generation_lost", {"generation_id": generation_id, "error": str(lost)})
+        self.progress.stage(task.id, "generate", f"the router went away; waiting up to {self.config.resume_wait_s:g} "
+                            f"s to resume generation {generation_id} from its last checkpoint")
+        began = time.monotonic()
+        while True:
+            try:
+                status = await router_status(self.config.router, timeout=2.0)
+            except RouterUnavailable:
+                status = None
+            back = status is not None and experts <= {e.expert_id for e in status.experts if e.state == "online"}
+            if back or (status is not None and time.monotonic() - began >= self.config.resume_wait_s):
+                break  # the router is back: with its experts re-registered, or with those that came back in time
+            if time.monotonic() - began >= self.config.resume_wait_s:
+                raise _Stop(FAILED, f"generation {generation_id} lost: no router answered at {self.config.router} "
+                            f"for {self.config.resume_wait_s:g} s", "agent_task_failed")
+            await asyncio.sleep(RESUME_POLL_S)
+        self.store.step(task.id, "agent_generation_resumed", {"generation_id": generation_id})
+        return router_pb2.GenerateRequest(resume_id=generation_id)
 
     def _validate(self, proposal_schema, raw: str, status: router_pb2.RouterStatus) -> dict:
         """The proposal in raw, checked against the schema, the live registry and governance's bounds."""

@@ -17,9 +17,13 @@ class RouterUnavailable(MeshError):
     """The router could not be reached or refused the call."""
 
 
+class RouterUnreachable(RouterUnavailable):
+    """No router answered at the address, or the connection to it broke (it stopped or restarted)."""
+
+
 def _explain(exc: grpc.aio.AioRpcError, address: str) -> RouterUnavailable:
     if exc.code() == grpc.StatusCode.UNAVAILABLE and "no experts" not in (exc.details() or ""):
-        return RouterUnavailable(f"no router answers at {address} ({exc.details()}); start one with "
+        return RouterUnreachable(f"no router answers at {address} ({exc.details()}); start one with "
                                  "`mesh router serve` or pass --router HOST:PORT")
     return RouterUnavailable(f"router refused: {exc.details()} ({exc.code().name})")
 
