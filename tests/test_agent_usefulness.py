@@ -135,8 +135,9 @@ async def test_agent_run_once_shows_stages_prints_the_proposal_and_fails_with_it
         task = store.get(2)
         assert task.state == "failed" and "deadline of 0.5 s (--deadline)" in task.error
         assert "error: the task passed its deadline" in late.stdout and "failed or were refused" in late.stderr
-        assert "--deadline 'soon'" in (await asyncio.to_thread(CliRunner().invoke, main.app,
-                                                             [*common, "--deadline", "soon"])).output
+        for option in ("--deadline", "--resume-wait"):
+            refused = await asyncio.to_thread(CliRunner().invoke, main.app, [*common, option, "soon"])
+            assert f"{option} 'soon'" in refused.output and refused.exit_code == 2
 
 
 class _Stages(Progress):

@@ -6,6 +6,7 @@ import grpc
 import httpx2
 import pytest
 
+from mesh_llm.node import RouterConfig
 from tests.api_helpers import PROMPT, api_mesh
 
 CONTEXT = 256  # the tiny test model's context limit
@@ -46,8 +47,8 @@ async def test_max_tokens_above_the_context_is_refused_not_clipped(tiny_loaded, 
 
 
 async def test_prompt_above_the_configured_length_is_refused(tiny_loaded, tmp_path):
-    async with api_mesh([tiny_loaded], tmp_path) as (mesh, api):
-        mesh.router.service.max_prompt_chars = 40
+    config = RouterConfig(port=0, db_url=f"sqlite:///{tmp_path / 'router.db'}", secret="s3cret", max_prompt_chars=40)
+    async with api_mesh([tiny_loaded], tmp_path, router_config=config) as (mesh, api):
         err = await refused_grpc(mesh, prompt="x" * 41, max_tokens=2)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "41 characters" in err.details() and "at most 40" in err.details()

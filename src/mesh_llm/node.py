@@ -25,7 +25,7 @@ from mesh_llm.router.checkpoints import DEFAULT_EVERY, CheckpointStore
 from mesh_llm.router.credits import CreditLedger, CreditPolicy
 from mesh_llm.router.metrics import router_metrics
 from mesh_llm.router.registry import Registry, RegistryConfig
-from mesh_llm.router.service import RouterService
+from mesh_llm.router.service import MAX_PROMPT_CHARS, RouterService
 from mesh_llm.router.settings import MeshSettings
 from mesh_llm.router.shared_settings import ActionFollower, follow
 from mesh_llm.store.db import open_engine
@@ -51,6 +51,7 @@ class RouterConfig:
     tls: TlsFiles | None = None  # serve TLS with this certificate (its fingerprint goes into the invite token)
     credits: CreditPolicy = field(default_factory=CreditPolicy)  # who goes first when the mesh is busy
     checkpoint_every: int = DEFAULT_EVERY  # completion tokens between generation checkpoints (0 = off)
+    max_prompt_chars: int = MAX_PROMPT_CHARS  # longer prompts are refused before any expert is asked
 
 
 @dataclass(kw_only=True)
@@ -116,6 +117,7 @@ async def start_router(config: RouterConfig) -> RunningRouter:
     service = RouterService(registry=registry, settings=settings, secret=secret, governance=governance,
                             halt_grace_s=config.halt_grace_s, credits=CreditLedger(engine),
                             checkpoints=CheckpointStore(engine, config.checkpoint_every), credit_policy=config.credits)
+    service.max_prompt_chars = config.max_prompt_chars
     server = new_server(interceptors=[router_auth(config, secret, registry)])
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     governance_service.add_to_server(server, governance)

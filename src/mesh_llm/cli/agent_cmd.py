@@ -76,6 +76,9 @@ def run(interval: str = typer.Option("10m", "--interval", help="Each subset star
         temperature: float = typer.Option(0.3, "--temperature", help="Sampling temperature (seeded per task)."),
         deadline: str = typer.Option("15m", "--deadline", help="Longest one task may run, its generation included "
                                      "('90s', '15m'); a task past it fails."),
+        resume_wait: str = typer.Option("2m", "--resume-wait", help="When the router goes away mid-generation, wait "
+                                        "this long for it (and its experts) to be back and resume the generation "
+                                        "from its last checkpoint ('0' fails the task at once)."),
         router: str = typer.Option(None, "--router", help="Router HOST:PORT (default: $MESH_ROUTER or "
                                    "127.0.0.1:50050)."),
         db: str = DB,
@@ -103,12 +106,13 @@ def run(interval: str = typer.Option("10m", "--interval", help="Each subset star
         try:
             seconds = parse_interval(interval, "--interval")
             deadline_s = parse_interval(deadline, "--deadline")
+            resume_wait_s = 0.0 if resume_wait.strip() in ("0", "0s") else parse_interval(resume_wait, "--resume-wait")
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         typer.echo(trust_root(governance_dir).describe(), err=True)
         address = router or os.environ.get("MESH_ROUTER") or DEFAULT_ROUTER
         config = RunnerConfig(agent=AgentConfig(router=address, k=k, temperature=temperature, key=key,
-                                                deadline_s=deadline_s),
+                                                deadline_s=deadline_s, resume_wait_s=resume_wait_s),
                               interval_s=seconds, subsets=subsets, once=once)
         progress = TextProgress(sys.stderr)
         try:

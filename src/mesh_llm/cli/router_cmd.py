@@ -88,6 +88,8 @@ def serve(
                                    "(0 = no limit)."),
     credit_priority: bool = typer.Option(False, help="When busy, start waiting clients whose donor key has the most "
                                          "credits first (else first come, first served)."),
+    max_prompt_chars: int = typer.Option(1 << 20, help="Longest prompt a generation may send, in characters; longer "
+                                         "ones are refused (gRPC INVALID_ARGUMENT, HTTP 400) before any expert works."),
 ) -> None:
     """Serve the Router service and print the invite token donors pass to `mesh-expert serve --join`."""
     from mesh_llm.cli.expert_cmd import stop_on_signals
@@ -106,6 +108,8 @@ def serve(
         raise typer.BadParameter(str(exc)) from None
     if checkpoint_every < 0 or max_active < 0:
         raise typer.BadParameter("--checkpoint-every and --max-active take 0 (off) or a positive number")
+    if max_prompt_chars < 1:
+        raise typer.BadParameter(f"--max-prompt-chars must be at least 1, got {max_prompt_chars}")
 
     async def run() -> None:
         from mesh_llm.api import ApiConfig, client_settings, start_api
@@ -117,6 +121,7 @@ def serve(
                                                   settings=settings, governance_dir=governance, api_keys=keys,
                                                   tls=tls_files(tls_cert, tls_key),
                                                   checkpoint_every=checkpoint_every,
+                                                  max_prompt_chars=max_prompt_chars,
                                                   credits=CreditPolicy(max_active=max_active,
                                                                        by_credits=credit_priority)))
         api = None
