@@ -31,13 +31,13 @@ class _KillRouter(Progress):
     """Progress that SIGKILLs the router once KILL_AT tokens have streamed and starts a new one on its port."""
 
     def __init__(self, restart) -> None:
-        self.restart, self.restarted, self.seen = restart, None, 0
+        self.restart, self.restarted, self.seen, self.last = restart, None, 0, 0
 
     def stage(self, task_id: int, stage: str, text: str) -> None:
         pass
 
     def tokens(self, task_id: int, count: int) -> None:
-        self.seen = max(self.seen, count)
+        self.seen, self.last = max(self.seen, count), count
         if count == KILL_AT and self.restarted is None:
             self.restarted = asyncio.get_running_loop().create_task(self.restart())
 
@@ -84,6 +84,7 @@ async def test_a_task_generation_survives_a_router_sigkill(long_tiny, long_tiny_
             if event.HasField("done"):
                 done = event.done
         assert done is not None and done.text == task.raw_output
+        assert progress.last == done.completion_tokens  # the resumed stream counted from its replayed start, once
     finally:
         for router in routers:
             router.kill()

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mesh_llm.agent import usefulness
-from mesh_llm.agent.observe import from_status
+from mesh_llm.agent.observe import from_status, render
 from mesh_llm.agent.progress import Progress, TextProgress
 from mesh_llm.cli import main
 from mesh_llm.pb import router_pb2
@@ -57,10 +57,24 @@ def test_citable_facts_are_what_was_observed_and_each_counts_as_a_citation():
     facts = usefulness.citable_facts(snap, ["e-bbb"])
     assert facts[:2] == ["p50 rtt 211.0 ms", "p90 rtt 346.8 ms"] and "e-bbb rtt 380.7 ms" in facts
     assert "e-bbb 2 failures" in facts and not any("e-aaa" in f for f in facts)  # only the experts asked for
-    assert not any("tokens/s over the last minute" in f for f in facts)  # 0.00 tells nothing, so it is left out
+    assert not any("tokens/s in the last minute" in f for f in facts)  # 0.00 tells nothing, so it is left out
     for fact in facts:
         proposal = _note("move load away from the slow expert", f"{fact}: it is the slowest of the two")
         assert usefulness.problems(proposal, prompt="", snap=snap, free_text=("text",)) == [], fact
+
+
+def test_facts_of_a_busy_large_mesh_cover_every_expert_and_are_not_taken_for_copies():
+    experts = [router_pb2.ExpertStatus(expert_id=f"e-{i:03d}", state="online", rtt_ms=20.0 + i, tokens_per_second=9.5,
+                                       weight=1.0, tokens_served=100 + i) for i in range(12)]
+    snap = from_status(router_pb2.RouterStatus(default_k=2, default_policy="random", phase=2, experts=experts,
+                                               recent_tokens_per_second=12.34),
+                       subset=None, audit_rows=[], finished=[], taken_at=0.0)
+    facts = usefulness.citable_facts(snap, [e.expert_id for e in experts])
+    assert len(facts) == 40 and all(f"e-{i:03d} rtt {20.0 + i:.1f} ms" in facts for i in range(12))
+    prompt = f"Cluster state:\n{render(snap)}\nTask (config_tuning): tune it"
+    for fact in facts:
+        proposal = _note("move load away from the slow expert", f"{fact}: too low here")  # as short a reason as allowed
+        assert usefulness.problems(proposal, prompt=prompt, snap=snap, free_text=("text",)) == [], fact
 
 
 @pytest.mark.parametrize("proposal", [

@@ -9,6 +9,7 @@ import pytest
 
 from mesh_llm.models.loading import LoadOptions, load
 from mesh_llm.pb import router_pb2
+from mesh_llm.router.client import RouterUnavailable, RouterUnreachable, stream_generate
 from mesh_llm.testing.tiny_model import build_tiny_llama
 from tests.mesh_helpers import greedy_reference, local_mesh
 
@@ -94,6 +95,20 @@ async def test_bad_requests_get_clear_errors(tiny_loaded, tmp_path, fields, code
         assert err.value.code() == code and words in err.value.details()
         _, done = await mesh.generate(prompt=PROMPT, max_tokens=2, k=1)
         assert done.completion_tokens == 2
+
+
+async def test_a_router_refusing_is_not_taken_for_a_router_gone(tmp_path):
+    async def generate(address: str) -> None:
+        async for _ in stream_generate(address, router_pb2.GenerateRequest(prompt=PROMPT), timeout=10):
+            pass
+
+    async with local_mesh([], tmp_path) as mesh:
+        with pytest.raises(RouterUnavailable) as answered:  # UNAVAILABLE from the router itself: it is there
+            await generate(mesh.router.address)
+        assert not isinstance(answered.value, RouterUnreachable) and "no experts online" in str(answered.value)
+        address = mesh.router.address
+    with pytest.raises(RouterUnreachable, match="no router answers"):  # the same address with the router stopped
+        await generate(address)
 
 
 async def test_no_experts_wrong_secret_and_mixed_tokenizers(tiny_loaded, tmp_path):

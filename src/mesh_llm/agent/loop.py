@@ -284,6 +284,8 @@ class Agent:
                         done = event.done
                 break
             except RouterUnreachable as exc:
+                if done is not None:  # the summary arrived before the connection broke: nothing to resume
+                    break
                 if not generation_id or resumes >= self.config.resume_tries or self.config.resume_wait_s <= 0:
                     raise _Stop(FAILED, f"generation lost: {exc}", "agent_task_failed") from None
                 resumes += 1

@@ -117,11 +117,10 @@ def citable_facts(snap: Snapshot, expert_ids: list[str], limit: int = 40) -> lis
     p = snap.rtt_percentiles_ms
     if p:
         facts += [f"p50 rtt {p['p50']:.1f} ms", f"p90 rtt {p['p90']:.1f} ms"]
-    facts.append(f"{snap.recent_tokens_per_second:.2f} tokens/s over the last minute")
-    wanted = set(expert_ids)
-    for e in snap.experts:
-        if e.expert_id in wanted:
-            facts += [f"{e.expert_id} rtt {e.rtt_ms:.1f} ms", f"{e.expert_id} {e.failures} failures",
-                      f"{e.expert_id} {e.tokens_per_second:.1f} tok/s", f"{e.expert_id} weight {e.weight:g}",
-                      f"{e.expert_id} {e.tokens_served} tokens served"]
+    facts.append(f"router {snap.recent_tokens_per_second:.2f} tokens/s in the last minute")  # not the prompt's words
+    keep = set(expert_ids)
+    rows = [(f"{e.expert_id} rtt {e.rtt_ms:.1f} ms", f"{e.expert_id} {e.failures} failures",
+             f"{e.expert_id} {e.tokens_per_second:.1f} tok/s", f"{e.expert_id} {e.tokens_served} tokens served",
+             f"{e.expert_id} weight {e.weight:g}") for e in snap.experts if e.expert_id in keep]
+    facts += [fact for measure in zip(*rows) for fact in measure]  # measure by measure: a cut keeps every expert
     return [f for f in facts if cited_metrics(f, snap)][:limit]

@@ -22,7 +22,8 @@ class RouterUnreachable(RouterUnavailable):
 
 
 def _explain(exc: grpc.aio.AioRpcError, address: str) -> RouterUnavailable:
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and "no experts" not in (exc.details() or ""):
+    answered = ("mesh-refused-by", "router") in tuple(exc.trailing_metadata() or ())
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not answered:
         return RouterUnreachable(f"no router answers at {address} ({exc.details()}); start one with "
                                  "`mesh router serve` or pass --router HOST:PORT")
     return RouterUnavailable(f"router refused: {exc.details()} ({exc.code().name})")

@@ -36,6 +36,7 @@ from mesh_llm.router.trust import trust_book
 log = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 3.0  # a registering address must answer Info within this
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+ROUTER_REFUSAL = (("mesh-refused-by", "router"),)  # trailing metadata: the router answered, it did not go away
 MAX_PROMPT_CHARS = 1 << 20  # longest prompt a Generate call may send, in characters (RouterService.max_prompt_chars)
 
 
@@ -243,7 +244,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                     checkpoints=self.checkpoints, resume=resume)
             await generation.start()
         except (GenerationError, ResumeRefused) as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc), ROUTER_REFUSAL)
         task = asyncio.current_task()
         self.active.add(task)
         self.running_ids.add(generation.session_id)
@@ -282,7 +283,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return await score_request(request, registry=self.registry, pool=self.pool, tokenizers=self.tokenizers,
                                        settings=self.settings)
         except ScoringError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc), ROUTER_REFUSAL)
 
     async def _halt_bounded(self, events: AsyncIterator[router_pb2.GenerateEvent]
                             ) -> AsyncIterator[router_pb2.GenerateEvent]:
