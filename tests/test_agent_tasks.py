@@ -138,6 +138,9 @@ def test_cli_submit_tasks_show_on_the_local_store(tmp_path, db_url):
     assert agent_cmd.parse_interval("10m") == 600 and agent_cmd.parse_interval("45") == 45
     with pytest.raises(ValueError):
         agent_cmd.parse_interval("soon")
+    assert agent_cmd.parse_interval("0m", "--resume-wait", allow_zero=True) == 0  # --resume-wait 0: no waiting
+    with pytest.raises(ValueError, match="--deadline must be > 0"):
+        agent_cmd.parse_interval("0", "--deadline")
 
 
 def test_migrated_agent_table_matches_the_table_definition(store):

@@ -116,8 +116,8 @@ async def start_router(config: RouterConfig) -> RunningRouter:
     secret = config.secret or saved_secret()
     service = RouterService(registry=registry, settings=settings, secret=secret, governance=governance,
                             halt_grace_s=config.halt_grace_s, credits=CreditLedger(engine),
-                            checkpoints=CheckpointStore(engine, config.checkpoint_every), credit_policy=config.credits)
-    service.max_prompt_chars = config.max_prompt_chars
+                            checkpoints=CheckpointStore(engine, config.checkpoint_every), credit_policy=config.credits,
+                            max_prompt_chars=config.max_prompt_chars)
     server = new_server(interceptors=[router_auth(config, secret, registry)])
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     governance_service.add_to_server(server, governance)

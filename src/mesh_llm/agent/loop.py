@@ -321,10 +321,11 @@ class Agent:
                 status = await router_status(self.config.router, timeout=2.0)
             except RouterUnavailable:
                 status = None
-            back = status is not None and experts <= {e.expert_id for e in status.experts if e.state == "online"}
-            if back or (status is not None and time.monotonic() - began >= self.config.resume_wait_s):
+            late = time.monotonic() - began >= self.config.resume_wait_s
+            online = {e.expert_id for e in status.experts if e.state == "online"} if status is not None else set()
+            if status is not None and (experts <= online or late):
                 break  # the router is back: with its experts re-registered, or with those that came back in time
-            if time.monotonic() - began >= self.config.resume_wait_s:
+            if late:
                 raise _Stop(FAILED, f"generation {generation_id} lost: no router answered at {self.config.router} "
                             f"for {self.config.resume_wait_s:g} s", "agent_task_failed")
             await asyncio.sleep(RESUME_POLL_S)

@@ -58,8 +58,14 @@ def cited_metrics(rationale: str, snap: Snapshot) -> list[str]:
     """Numbers in rationale that the observation shows, or expert ids it names, when it also names a metric."""
     if not METRIC.search(rationale):
         return []
-    observed = render(snap, budget_chars=1 << 20)
-    seen = set(_numbers(observed))
+    return _cited(rationale, snap, _observed_numbers(snap))
+
+
+def _observed_numbers(snap: Snapshot) -> set[str]:
+    return set(_numbers(render(snap, budget_chars=1 << 20)))
+
+
+def _cited(rationale: str, snap: Snapshot, seen: set[str]) -> list[str]:
     cited = [n for n in _numbers(rationale) if _telling(n) and any(_same_number(n, s) for s in seen)]
     cited += [e.expert_id for e in snap.experts if e.expert_id in rationale]
     return cited
@@ -123,4 +129,5 @@ def citable_facts(snap: Snapshot, expert_ids: list[str], limit: int = 40) -> lis
              f"{e.expert_id} {e.tokens_per_second:.1f} tok/s", f"{e.expert_id} {e.tokens_served} tokens served",
              f"{e.expert_id} weight {e.weight:g}") for e in snap.experts if e.expert_id in keep]
     facts += [fact for measure in zip(*rows) for fact in measure]  # measure by measure: a cut keeps every expert
-    return [f for f in facts if cited_metrics(f, snap)][:limit]
+    seen = _observed_numbers(snap)  # rendered once, not once per fact
+    return [f for f in facts if METRIC.search(f) and _cited(f, snap, seen)][:limit]

@@ -24,13 +24,13 @@ STORE_ROUTER = typer.Option(None, "--router", help="HOST:PORT of a router servin
                             "(and without $MESH_ROUTER), act on the local store.")
 
 
-def parse_interval(text: str, option: str = "--interval") -> float:
-    """Seconds in '90', '30s', '10m' or '2h'; ValueError naming option otherwise."""
+def parse_interval(text: str, option: str = "--interval", *, allow_zero: bool = False) -> float:
+    """Seconds in '90', '30s', '10m' or '2h' (0 only with allow_zero); ValueError naming option otherwise."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
     if not match:
         raise ValueError(f"{option} {text!r}: use seconds or a number with s, m or h, e.g. 10m")
     value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-    if value <= 0:
+    if value == 0 and not allow_zero:
         raise ValueError(f"{option} must be > 0")
     return value
 
@@ -106,7 +106,7 @@ def run(interval: str = typer.Option("10m", "--interval", help="Each subset star
         try:
             seconds = parse_interval(interval, "--interval")
             deadline_s = parse_interval(deadline, "--deadline")
-            resume_wait_s = 0.0 if resume_wait.strip() in ("0", "0s") else parse_interval(resume_wait, "--resume-wait")
+            resume_wait_s = parse_interval(resume_wait, "--resume-wait", allow_zero=True)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         typer.echo(trust_root(governance_dir).describe(), err=True)

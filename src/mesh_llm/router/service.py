@@ -63,7 +63,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, *, registry: Registry, settings: MeshSettings, secret: str, governance: Governance,
                  pool: ExpertPool | None = None, tokenizers: TokenizerCache | None = None,
                  halt_grace_s: float = 0.5, credits: CreditLedger | None = None,
-                 checkpoints: CheckpointStore | None = None, credit_policy: CreditPolicy = CreditPolicy()):
+                 checkpoints: CheckpointStore | None = None, credit_policy: CreditPolicy = CreditPolicy(),
+                 max_prompt_chars: int = MAX_PROMPT_CHARS):
         """Serve over this registry and settings; governance's halt switch gates every generation."""
         self.registry = registry
         self.settings = settings
@@ -81,7 +82,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.checkpoints = checkpoints  # generation checkpoints, for --resume
         self.admission = Admission(credit_policy)  # who runs when the mesh is busy
         self.running_ids: set[str] = set()  # ids of the generations streaming now
-        self.max_prompt_chars = MAX_PROMPT_CHARS  # longer prompts are refused before any expert is asked
+        self.max_prompt_chars = max_prompt_chars  # longer prompts are refused before any expert is asked
         if credits is not None:
             router_metrics(registry).watch_credits(credits.rows)
 
